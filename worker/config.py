@@ -1,0 +1,126 @@
+"""All worker configuration in one typed place.
+
+Every field is read from an environment variable ``TAGSTREAM_<FIELD_NAME_UPPER>`` and can be
+overridden by a CLI flag ``--field-name`` (see :func:`add_settings_arguments`). Lists are given
+comma-separated in both (``TAGSTREAM_ALLOWED_ROOTS=/data,/media``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Worker, decoder and model settings. Defaults are the production defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    # --- Redis and queue -------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL; password, ACL user (redis://user:pass@host) and TLS (rediss://) work.",
+    )
+    queue: str = Field("tagging", description="rq queue name.")
+    uri_template: str = Field(
+        "", description="Template used when a job has no uri, e.g. /data/{video_id}.mp4."
+    )
+    job_retries: int = Field(3, description="rq Retry count for transient failures and crashed workers.")
+    job_timeout_s: float = Field(900.0, description="Wall-clock limit of one tag job.")
+    result_ttl_s: int = Field(7 * 86400, description="How long results and finished jobs are kept.")
+    failure_ttl_s: int = Field(7 * 86400, description="How long failed jobs are kept.")
+    tagged_stream_maxlen: int = Field(100_000, description="Approximate cap of tagstream:tagged.")
+
+    # --- worker lifecycle ---------------------------------------------------------------------------
+    concurrency: int = Field(8, ge=1, description="K: jobs in flight per worker process.")
+    decode_threads: int = Field(0, ge=0, description="Decode threads; 0 means the CPU count.")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_ttl_s: float = Field(20.0, gt=0, description="A job whose worker stops beating is orphaned after this.")
+    maintenance_interval_s: float = Field(10.0, gt=0, description="How often a worker collects orphaned jobs.")
+    shutdown_grace_s: float = Field(60.0, ge=0, description="SIGTERM: time to finish in-flight jobs.")
+    max_jobs: int = Field(0, ge=0, description="Exit after this many jobs (0: never); recycles workers.")
+    burst: bool = Field(False, description="Exit when the queue is empty and nothing is in flight.")
+    metrics_port: int = Field(9108, description="Prometheus /metrics, /healthz, /readyz; 0 disables.")
+    metrics_host: str = Field("0.0.0.0")
+    log_level: str = Field("INFO")
+
+    # --- batching -----------------------------------------------------------------------------------
+    image_batch_size: int = Field(64, ge=1)
+    audio_batch_size: int = Field(128, ge=1)
+    text_batch_size: int = Field(64, ge=1)
+    fusion_batch_size: int = Field(32, ge=1)
+    batch_max_wait_s: float = Field(0.02, ge=0, description="Max wait for a batch to fill.")
+
+    # --- sampling and decode limits -----------------------------------------------------------------
+    fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
+    max_frames: int = Field(300, ge=1, description="Longer videos are sampled uniformly.")
+    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    max_pixels: int = Field(4096 * 2304, gt=0, description="Width x height limit per frame.")
+    max_file_bytes: int = Field(8 * 1024**3, gt=0)
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    decode_budget_s: float = Field(300.0, gt=0, description="Decode wall-time budget per video.")
+    allow_audio_only: bool = Field(False, description="Tag audio-only files instead of refusing them.")
+    hwaccel: Literal["auto", "cuda", "none"] = Field("auto", description="NVDEC when a GPU is present.")
+
+    # --- URI policy ---------------------------------------------------------------------------------
+    allowed_schemes: CsvList = Field(["file", "http", "https"])
+    allowed_hosts: CsvList = Field([], description="HTTP(S) hosts allowed; empty allows none.")
+    allowed_roots: CsvList = Field([], description="Local directories allowed; empty allows none.")
+
+    # --- model ---------------------------------------------------------------------------------------
+    checkpoint: Path | None = Field(None, description="Fusion checkpoint dir; default: the shipped demo one.")
+    image_arch: Literal["efficientnet_lite0", "resnet50"] = Field("efficientnet_lite0")
+    image_weights: Path | None = Field(None, description="torchvision-format ResNet-50 state dict.")
+    vggish_weights: Path | None = Field(None, description="torchvggish-layout state dict.")
+    vggish_pca: Path | None = Field(None, description="torchvggish PCA params (optional).")
+    text_encoder_dir: Path | None = Field(None, description="Local transformers model dir.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    top_k_tags: int = Field(5, ge=1)
+    top_k_concepts: int = Field(5, ge=0)
+
+    @field_validator("allowed_schemes", "allowed_hosts", "allowed_roots", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """Add a ``--field-name`` flag for each Settings field (or only ``names``); default None = env."""
+    group = parser.add_argument_group("settings (also TAGSTREAM_* environment variables)")
+    for name, info in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
+        annotation = info.annotation
+        kwargs: dict[str, Any] = {"default": None, "help": info.description}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+        group.add_argument(_flag(name), dest=f"setting_{name}", **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Environment first, then CLI flags that were given, then explicit ``overrides``."""
+    given = {
+        key.removeprefix("setting_"): value
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+    return Settings(**{**given, **overrides})

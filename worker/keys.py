@@ -1,0 +1,37 @@
+"""Every Redis key and stream name Tagstream uses (rq's own keys are rq's business)."""
+
+from __future__ import annotations
+
+import re
+
+RESULT_PREFIX = "tagstream:tags:"
+"""``tagstream:tags:{video_id}``: one JSON result document per video (DESIGN.md section 3)."""
+
+TAGGED_STREAM = "tagstream:tagged"
+"""Capped stream with one entry per finished video (``video_id``, ``status``, ``reason``)."""
+
+UPLOADS_STREAM = "tagstream:uploads"
+"""Language-neutral intake: ``XADD tagstream:uploads * video_id .. uri .. title ..``."""
+
+UPLOADS_GROUP = "tagstream-bridge"
+"""Consumer group the workers use to bridge ``tagstream:uploads`` into the rq queue."""
+
+JOB_FUNCTION = "worker.jobs.tag_video"
+"""The only job function a worker runs."""
+
+_JOB_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def result_key(video_id: str) -> str:
+    return f"{RESULT_PREFIX}{video_id}"
+
+
+def job_id_for(video_id: str) -> str:
+    """rq job id for a video: ``tag-`` + the id with every character outside ``[A-Za-z0-9_-]``
+    replaced by ``_``, plus a short hash when anything was replaced so distinct ids stay distinct."""
+    import hashlib
+
+    safe = _JOB_ID_UNSAFE.sub("_", video_id)
+    if safe != video_id or not video_id:
+        safe = f"{safe[:80]}-{hashlib.sha1(video_id.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    return f"tag-{safe}"

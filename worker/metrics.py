@@ -1,0 +1,71 @@
+"""Every Prometheus metric Tagstream exports, in one place.
+
+Naming follows the Prometheus rules: prefix ``tagstream_``, base units (seconds, bytes), ``_total``
+for counters, bounded label values only (stages, outcomes, reasons and extractors are closed sets).
+Dashboards and alert rules in ``deploy/`` reference exactly these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.errors import REASONS
+
+STAGES = ("queue_wait", "decode", "image", "audio", "text", "fusion", "total")
+OUTCOMES = ("tagged", "failed", "retried", "handed_back")
+EXTRACTORS = ("image", "audio", "text", "fusion")
+QUEUE_STATES = ("queued", "started", "finished", "failed", "deferred", "scheduled")
+
+# Up to tens of minutes: a long video behind a deep backlog must still land in a bucket.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The worker's metrics, registered on their own registry (one per process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "tagstream_stage_duration_seconds",
+            "Per-video latency of each pipeline stage (total = dequeue to result written; queue_wait = enqueue to dequeue).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.videos = Counter("tagstream_videos_total", "Videos finished, by outcome.", ["outcome"], registry=r)
+        self.errors = Counter("tagstream_errors_total", "Failures, by reason code.", ["reason"], registry=r)
+        self.frames = Counter("tagstream_frames_total", "Sampled frames run through the image extractor.", registry=r)
+        self.frames_decoded = Counter("tagstream_frames_decoded_total", "Frames the decoder decoded.", registry=r)
+        self.audio_seconds = Counter("tagstream_audio_seconds_total", "Seconds of audio processed.", registry=r)
+        self.video_seconds = Counter("tagstream_video_seconds_total", "Seconds of video tagged.", registry=r)
+        self.batch_size = Histogram(
+            "tagstream_batch_size", "Items per extractor batch.", ["extractor"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("tagstream_in_flight_videos", "Videos in flight in this worker.", registry=r)
+        self.queue_jobs = Gauge("tagstream_queue_jobs", "Jobs in the rq queue by state.", ["queue", "state"], registry=r)
+        self.model_info = Gauge(
+            "tagstream_model_info",
+            "Constant 1, labelled with the loaded model version and extractor ids.",
+            ["model_version", "image_extractor", "audio_extractor", "text_extractor", "device"],
+            registry=r,
+        )
+        self.ready = Gauge("tagstream_ready", "1 when models are loaded and Redis is reachable.", registry=r)
+        self.redis_up = Gauge("tagstream_redis_up", "1 when the last Redis call succeeded.", registry=r)
+        self.orphans_recovered = Counter(
+            "tagstream_orphaned_jobs_total",
+            "Jobs whose worker stopped heartbeating, collected by this worker's maintenance.",
+            registry=r,
+        )
+        self.gpu_memory_bytes = Gauge(
+            "tagstream_gpu_memory_bytes", "GPU memory of this worker's device.", ["kind"], registry=r
+        )
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for outcome in OUTCOMES:
+            self.videos.labels(outcome)
+        for reason in REASONS:
+            self.errors.labels(reason)
+        for extractor in EXTRACTORS:
+            self.batch_size.labels(extractor)
