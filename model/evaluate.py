@@ -1,0 +1,95 @@
+"""``tagstream evaluate CKPT FEATURES [--split test] [--no-title]``: metrics of a checkpoint on a split.
+
+Prints one JSON object: ``hit_at_1``, ``hit_at_2``, ``hit_at_3``, ``hit_at_5`` (a hit if any true label
+is in the top k), ``gap_at_20`` (YouTube-8M GAP), ``map``, ``per_class_ap`` (label -> AP, null for a
+class without positives in the split), plus ``level1_hit_at_1`` (top level-1 category, scored as the
+max over its children, is one of the video's true level-1 categories), ``videos``, ``split``,
+``no_title``, ``model_version`` and ``report``. All metrics are fractions in [0, 1] (model/metrics.py).
+
+``--no-title`` scores every video as if it had no title (the title-dropout experiment). The features'
+extractor ids must match the checkpoint's (else exit status 2). The per-class report (TSV: label,
+positives, AP, top-1 predictions, top-1 correct) goes to ``--report`` or, by default,
+``CKPT/eval_<split>[_notitle].tsv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from model.checkpoint import CheckpointMismatchError, load_checkpoint
+from model.feature_store import FeatureSource, open_features
+from model.metrics import evaluate_scores, hit_at_k
+from model.predict import Tagger, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    ckpt_dir: str | Path,
+    source: FeatureSource,
+    *,
+    split: str = "test",
+    no_title: bool = False,
+    device: str = "auto",
+    batch_size: int = 64,
+    report: str | Path | None = None,
+) -> dict:
+    expected = {name: (info or {}).get("id") for name, info in source.extractors.items()}
+    ckpt = load_checkpoint(ckpt_dir, device=resolve_device(device), expected_extractors=expected)
+    ids = source.split_ids(split)
+    if not ids:
+        raise ValueError(f"no videos in split {split!r} (splits: {source.splits()})")
+    videos = [source.load(v) for v in ids]
+    unknown = {label for v in videos for label in v.labels if label not in ckpt.labels.index}
+    if unknown:
+        log.warning("%d labels of the data are not in the checkpoint and are ignored: %s",
+                    len(unknown), sorted(unknown)[:10])
+    tagger = Tagger(ckpt, device=device, batch_size=batch_size)
+    scores = tagger.scores(videos, no_title=no_title).astype(np.float64)
+    truth = np.stack([ckpt.labels.encode(v.labels) for v in videos])
+    result = evaluate_scores(scores, truth, ckpt.labels.labels)
+    parent = ckpt.labels.parent
+    truth1 = np.zeros((len(videos), len(ckpt.labels.level1)))
+    for c in range(truth.shape[1]):
+        truth1[:, parent[c]] = np.maximum(truth1[:, parent[c]], truth[:, c])
+    result["level1_hit_at_1"] = hit_at_k(ckpt.labels.level1_scores(scores), truth1, 1)
+    result.update(split=split, no_title=no_title, model_version=ckpt.version)
+
+    path = Path(report) if report else Path(ckpt_dir) / f"eval_{split}{'_notitle' if no_title else ''}.tsv"
+    top1 = scores.argmax(axis=1)
+    lines = ["label\tpositives\tap\ttop1_predicted\ttop1_correct"]
+    for c, label in enumerate(ckpt.labels.labels):
+        ap = result["per_class_ap"][label]
+        predicted = top1 == c
+        lines.append(f"{label}\t{int(truth[:, c].sum())}\t{'' if ap is None else f'{ap:.4f}'}\t"
+                     f"{int(predicted.sum())}\t{int((predicted & (truth[:, c] > 0)).sum())}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result["report"] = str(path)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt", help="checkpoint directory")
+    parser.add_argument("features", help="feature store dir or MultimodalVideoTag folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--no-title", action="store_true", help="score every video as if it had no title")
+    parser.add_argument("--report", default=None, help="per-class TSV report path (default: next to CKPT)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = evaluate(args.ckpt, open_features(args.features), split=args.split, no_title=args.no_title,
+                          device=args.device, batch_size=args.batch_size, report=args.report)
+    except CheckpointMismatchError as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(result, ensure_ascii=False))
+    return 0

@@ -1,0 +1,162 @@
+"""Reader for MultimodalVideoTag's (PaddleVideo) data set format, exactly as published.
+
+Accepted folder layout (MVT keeps these under ``datasets/``; point us at that folder)::
+
+    class.txt                  one "level1-level2" label per line (an optional "\\t<index>" column is honoured)
+    train.txt  val.txt  test.txt
+                               TSV without header: ``url_or_file \\t title \\t label1,label2``
+                               (``train.list`` / ``val.list`` / ``test.list`` are accepted too)
+    feature_files/<stem>.pkl   one pickle per video, ``<stem> = url.split('/')[-1].split('.')[0]``:
+                               {'video': ..., 'feature': {'image_pkl': (T1, 2048), 'audio_pkl': (T2, 128)},
+                                'label': [...]}
+
+Reading follows MVT's ``FeatureReader``: pickles are loaded with ``encoding='iso-8859-1'`` (they were
+written by Python 2); an empty ``audio_pkl`` becomes ``zeros((10, 128))`` exactly as MVT does (so a
+model trained there and here sees the same input; pass ``empty_audio_zeros=False`` to keep it empty
+and let the model mask it instead); a missing/NaN title is ""; rows whose labels are all outside
+``class.txt`` are skipped, as are rows whose pickle is missing (with a warning); a repeated url keeps
+its first row. Labels in the TSV win over the pickle's ``label`` field.
+
+Time stamps: MVT's features are about one frame per second, so frame i is at ``i / fps`` seconds
+(``fps`` = 1.0 by default) and the duration is ``T1 / fps``.
+
+Text: these pickles carry no text features; the title string feeds the character branch. A text
+encoder can be supplied (``text_encoder``: titles -> list of (L, D) arrays, with its id and dim) for
+the encoder branch; model/ has none of its own, so the ``tagstream train`` command uses chars only.
+
+Pickles can run code when loaded: read only data sets you trust (MVT's own format requires pickle).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from model.features import VideoFeatures
+from model.labels import LabelSet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+FEATURE_DIR = "feature_files"
+IMAGE_ID = "mvt-resnet50"
+AUDIO_ID = "mvt-vggish"
+
+
+def pickle_stem(url: str) -> str:
+    """MVT's rule: ``url.split('/')[-1].split('.')[0]``."""
+    return url.split("/")[-1].split(".")[0]
+
+
+def read_tsv(path: Path, known: set[str] | None) -> list[tuple[str, str, list[str]]]:
+    """Rows ``(url, title, labels)``; labels filtered to ``known`` (rows left empty are dropped)."""
+    rows: list[tuple[str, str, list[str]]] = []
+    seen: set[str] = set()
+    with path.open("r", encoding="utf-8", newline="") as f:
+        for fields in csv.reader(f, delimiter="\t"):
+            if not fields or not fields[0].strip():
+                continue
+            url = fields[0].strip()
+            title = fields[1] if len(fields) > 1 else ""
+            title = "" if title.strip().lower() in ("", "nan") else title
+            raw = fields[2].strip() if len(fields) > 2 else ""
+            labels = [x.strip() for x in raw.split(",") if x.strip()]
+            if known is not None:
+                labels = [x for x in labels if x in known]
+            if url in seen or not labels:
+                continue
+            seen.add(url)
+            rows.append((url, title, labels))
+    return rows
+
+
+class MVTDataset:
+    """A MultimodalVideoTag folder behind the :class:`model.feature_store.FeatureSource` interface."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        fps: float = 1.0,
+        empty_audio_zeros: bool = True,
+        text_encoder: Callable[[list[str]], list[np.ndarray]] | None = None,
+        text_encoder_id: str | None = None,
+        text_dim: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.fps = float(fps)
+        self.empty_audio_zeros = empty_audio_zeros
+        self.text_encoder = text_encoder
+        self.labels = LabelSet.from_file(self.root / "class.txt")
+        known = set(self.labels.labels)
+        self.rows: dict[str, tuple[str, str, list[str]]] = {}  # url -> (split, title, labels)
+        for split in SPLITS:
+            for name in (f"{split}.txt", f"{split}.list"):
+                path = self.root / name
+                if not path.is_file():
+                    continue
+                for url, title, labels in read_tsv(path, known):
+                    if not self._pickle(url).is_file():
+                        log.warning("%s: no feature file %s, skipped", name, self._pickle(url).name)
+                        continue
+                    self.rows.setdefault(url, (split, title, labels))
+                break
+        image_dim = 2048
+        if self.rows:
+            image_dim = int(self._read(next(iter(self.rows)))["feature"]["image_pkl"].shape[1])
+        self.extractors: dict[str, dict] = {
+            "image": {"id": IMAGE_ID, "dim": image_dim},
+            "audio": {"id": AUDIO_ID, "dim": 128},
+            "text": {"id": text_encoder_id if text_encoder else None, "dim": int(text_dim) if text_encoder else 0},
+        }
+        self.sampling: dict = {"fps": self.fps, "max_frames": 300}
+
+    def _pickle(self, url: str) -> Path:
+        return self.root / FEATURE_DIR / (pickle_stem(url) + ".pkl")
+
+    def _read(self, url: str) -> dict:
+        with self._pickle(url).open("rb") as f:
+            return pickle.load(f, encoding="iso-8859-1")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {k: int(v["dim"]) for k, v in self.extractors.items()}
+
+    def splits(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for split, _, _ in self.rows.values():
+            counts[split] = counts.get(split, 0) + 1
+        return counts
+
+    def split_ids(self, split: str) -> list[str]:
+        return [url for url, (s, _, _) in self.rows.items() if s == split]
+
+    def load(self, video_id: str) -> VideoFeatures:
+        _, title, labels = self.rows[video_id]
+        feature = self._read(video_id)["feature"]
+        image = np.asarray(feature["image_pkl"], dtype=np.float32)
+        audio = np.asarray(feature["audio_pkl"], dtype=np.float32)
+        if audio.shape[0] == 0:
+            audio = np.zeros((10, 128), np.float32) if self.empty_audio_zeros else np.zeros((0, 128), np.float32)
+        if self.text_encoder is not None and title:
+            text = np.asarray(self.text_encoder([title])[0], dtype=np.float32)
+        else:
+            text = np.zeros((0, self.extractors["text"]["dim"]), np.float32)
+        return VideoFeatures(
+            video_id=video_id,
+            image=image,
+            image_times=np.arange(len(image), dtype=np.float64) / self.fps,
+            audio=audio,
+            text=text,
+            title=title,
+            labels=list(labels),
+            duration_s=len(image) / self.fps,
+        )

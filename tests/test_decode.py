@@ -1,0 +1,218 @@
+"""VideoSource on real encoded media: which frames are sampled, timestamps, audio, limits, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from media import bad_inputs, frame_index_of, make_audio, make_video, oversize_video
+
+from worker.decode import AudioChunk, DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
+from worker.errors import MediaTimeoutError, TagstreamError, TooLargeError, TooLongError
+from worker.sampling import plan_strategy
+
+LIMITS = DecodeLimits(max_duration_s=3600, max_pixels=4096 * 2304, max_file_bytes=1 << 33,
+                      open_timeout_s=5, read_timeout_s=5, decode_budget_s=60)
+
+
+def decode_all(path, policy=None, limits=LIMITS, **kw):
+    policy = policy or SamplingPolicy()
+    frames, times, audio = [], [], []
+    with VideoSource(str(path), policy, limits, **kw) as src:
+        for chunk in src.chunks():
+            if isinstance(chunk, FrameChunk):
+                assert chunk.frames.dtype == np.uint8 and chunk.frames.shape[1:] == (224, 224, 3)
+                assert chunk.timestamps.dtype == np.float64 and len(chunk.timestamps) == len(chunk.frames)
+                frames.extend(chunk.frames)
+                times.extend(chunk.timestamps)
+            else:
+                assert isinstance(chunk, AudioChunk)
+                audio.append(chunk)
+        return src, np.array(times), frames, audio
+
+
+def check_samples(src, times, frames, fps_video, policy):
+    targets = policy.target_times(src.info.duration_s)
+    tol = policy.tolerance_s(src.info.duration_s)
+    assert len(times) == len(targets)
+    assert np.all(np.abs(times - targets) <= tol + 1e-6), (times, targets)
+    for t, f in zip(times, frames, strict=True):
+        # the content is the frame shown at the reported timestamp
+        assert frame_index_of(f) == round(t * fps_video) % 256, (t, frame_index_of(f))
+
+
+@pytest.mark.parametrize("gop,fps_s,expected", [(25, 1.0, "keyframes"), (250, 1.0, None), (5, 2.0, None)])
+def test_samples_are_right_frames_for_each_gop(tmp_path, gop, fps_s, expected):
+    path = make_video(tmp_path / "v.mp4", seconds=4, fps=25, gop=gop)
+    policy = SamplingPolicy(fps=fps_s)
+    src, times, frames, _ = decode_all(path, policy)
+    check_samples(src, times, frames, 25, policy)
+    if expected:
+        assert src.stats.strategy == expected
+    assert src.stats.frames_decoded <= 100
+
+
+def test_one_second_gop_decodes_few_frames(tmp_path):
+    path = make_video(tmp_path / "v.mp4", seconds=6, fps=25, gop=25)
+    src, times, frames, _ = decode_all(path, SamplingPolicy(fps=1.0), decode_audio=False)
+    assert src.stats.strategy == "keyframes"
+    assert src.stats.frames_decoded <= 7  # vs 150 frames in the file
+
+
+def test_long_gop_sparse_targets_uses_seek(tmp_path):
+    # keyframes every 2 s, 1 sample every 4 s: seek to each keyframe and decode 0.5 s forward
+    path = make_video(tmp_path / "v.mp4", seconds=16, fps=10, gop=20)
+    policy = SamplingPolicy(fps=0.25)
+    src, times, frames, _ = decode_all(path, policy, decode_audio=False)
+    check_samples(src, times, frames, 10, policy)
+    assert src.stats.strategy in ("seek", "keyframes")
+    assert src.stats.frames_decoded < 160 / 2
+
+
+def test_uniform_sampling_past_max_frames(tmp_path):
+    path = make_video(tmp_path / "v.mkv", seconds=6, fps=20, gop=20)
+    policy = SamplingPolicy(fps=10.0, max_frames=12)
+    targets = policy.target_times(6.0)
+    assert len(targets) == 12 and np.allclose(np.diff(targets), 0.5) and targets[0] == pytest.approx(0.25)
+    src, times, frames, _ = decode_all(path, policy)
+    check_samples(src, times, frames, 20, policy)
+
+
+def test_target_times_edge_cases():
+    p = SamplingPolicy(fps=1.0, max_frames=300)
+    assert np.allclose(p.target_times(2.5), [0.5, 1.5, 2.25])
+    assert np.allclose(p.target_times(0.2), [0.1])
+    assert len(p.target_times(3600)) == 300 and p.interval_s(3600) == pytest.approx(12.0)
+
+
+def test_plan_prefers_sequential_for_long_gop():
+    frames = np.arange(250) / 25
+    keys = np.array([0.0])
+    targets = SamplingPolicy().target_times(10.0)
+    plan = plan_strategy(frames, keys, targets, 0.5, codec="h264", stream_fps=25)
+    assert plan.strategy in ("sequential", "seek")
+    assert plan.costs["seek"] <= 250 + 4
+    # dense keyframes: keyframe-only
+    plan = plan_strategy(frames, np.arange(10.0), targets, 0.5)
+    assert plan.strategy == "keyframes" and plan.costs["keyframes"] == 10
+
+
+def test_nonref_only_when_tolerance_spans_many_frames(tmp_path):
+    targets = SamplingPolicy(fps=0.5).target_times(20.0)
+    assert plan_strategy(None, None, targets, 1.0, codec="h264", stream_fps=25).strategy == "sequential_nonref"
+    assert plan_strategy(None, None, targets, 0.2, codec="h264", stream_fps=25).strategy == "sequential"
+    # real B-frame video decoded with NONREF still meets the tolerance
+    path = make_video(tmp_path / "b.mkv", seconds=8, fps=25, gop=250, bframes=3,
+                      options={"preset": "fast"})
+    policy = SamplingPolicy(fps=0.5)
+    src, times, frames, _ = decode_all(path, policy, decode_audio=False)
+    assert src.stats.strategy in ("sequential_nonref", "seek")
+    targets = policy.target_times(src.info.duration_s)
+    assert np.all(np.abs(times - targets) <= policy.tolerance_s(src.info.duration_s))
+    for t, f in zip(times, frames, strict=True):
+        assert frame_index_of(f) == round(t * 25)
+
+
+def test_audio_length_and_format(tmp_path):
+    path = make_video(tmp_path / "a.mp4", seconds=3, fps=10, audio="aac", audio_rate=8000, audio_layout="mono")
+    src, times, frames, audio = decode_all(path, audio_chunk_s=1.0)
+    samples = np.concatenate([a.samples for a in audio])
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert abs(samples.size / 16000 - 3.0) < 0.1
+    assert np.abs(samples).max() <= 1.0 and np.abs(samples).max() > 0.2  # the 0.3-amplitude tone
+    starts = [a.start_s for a in audio]
+    assert starts == pytest.approx([i * 1.0 for i in range(len(audio))])  # contiguous 1 s chunks
+    assert src.stats.audio_seconds == pytest.approx(samples.size / 16000)
+    # 440 Hz tone survives resampling to 16 kHz
+    spectrum = np.abs(np.fft.rfft(samples[4000:20000]))
+    assert abs(np.argmax(spectrum) * 16000 / 16000 - 440) < 5
+
+
+def test_surround_audio_downmixed(tmp_path):
+    path = make_video(tmp_path / "s.mp4", seconds=2, fps=10, audio="aac", audio_layout="5.1")
+    src, _, _, audio = decode_all(path)
+    assert src.info.audio_channels == 6
+    assert abs(sum(a.samples.size for a in audio) / 16000 - 2.0) < 0.1
+
+
+def test_no_audio_gives_no_audio_chunks(tmp_path):
+    src, times, frames, audio = decode_all(make_video(tmp_path / "n.mp4", seconds=2))
+    assert audio == [] and not src.info.has_audio and src.stats.audio_seconds == 0
+
+
+def test_rotation_is_honoured(tmp_path):
+    path = make_video(tmp_path / "r.mp4", seconds=1, fps=10, size=(160, 96), rotate=90, pattern="orient")
+    src, times, frames, _ = decode_all(path)
+    assert src.info.rotation == 90 and (src.info.width, src.info.height) == (96, 160)
+    f = frames[0].astype(int)
+    # the band along the coded top edge is on the left after a 90 degree counter-clockwise rotation
+    assert f[:, :5].mean() > 240 and f[:, -5:].mean() < 200 and f[:5].mean() < 240
+    plain = make_video(tmp_path / "p.mp4", seconds=1, fps=10, size=(160, 96), pattern="orient")
+    _, _, frames, _ = decode_all(plain)
+    assert frames[0][:3].mean() > 240 and frames[0][:, :5].mean() < 240
+
+
+def test_vfr_timestamps(tmp_path):
+    path = make_video(tmp_path / "vfr.mkv", seconds=4, fps=10, vfr=True)
+    policy = SamplingPolicy(fps=2.0)
+    src, times, frames, _ = decode_all(path, policy)
+    targets = policy.target_times(src.info.duration_s)
+    assert np.all(np.abs(times - targets) <= policy.tolerance_s(src.info.duration_s))
+    # frame i sits at (i // 2) * 0.2 + (i % 2) * 0.05
+    for t, f in zip(times, frames, strict=True):
+        i = frame_index_of(f)
+        assert (i // 2) * 0.2 + (i % 2) * 0.05 == pytest.approx(t, abs=1e-3)
+
+
+def test_crop_size_and_resize(tmp_path):
+    path = make_video(tmp_path / "o.mkv", seconds=1, fps=10, size=(161, 121))
+    with VideoSource(str(path), SamplingPolicy(), LIMITS, crop_size=96, resize_short=112) as src:
+        chunk = next(c for c in src.chunks() if isinstance(c, FrameChunk))
+    assert chunk.frames.shape[1:] == (96, 96, 3)
+
+
+def test_audio_only_allowed_by_configuration(tmp_path):
+    path = make_audio(tmp_path / "t.m4a", seconds=2)
+    limits = DecodeLimits(**{**LIMITS.__dict__, "allow_audio_only": True})
+    src, times, frames, audio = decode_all(path, limits=limits)
+    assert len(times) == 0 and abs(sum(a.samples.size for a in audio) / 16000 - 2) < 0.1
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+def test_bad_inputs_have_reasons(bad):
+    assert len(bad) >= 9
+    for key, path in bad.items():
+        reason = key.split(":")[0]
+        with pytest.raises(TagstreamError) as info:
+            decode_all(path)
+        assert info.value.reason == reason, (key, info.value)
+
+
+def test_limits(tmp_path):
+    big = oversize_video(tmp_path / "big.mp4")
+    with pytest.raises(TooLargeError):
+        VideoSource(str(big), SamplingPolicy(), DecodeLimits(**{**LIMITS.__dict__, "max_pixels": 640 * 479}))
+    with pytest.raises(TooLargeError):
+        VideoSource(str(big), SamplingPolicy(), DecodeLimits(**{**LIMITS.__dict__, "max_file_bytes": 100}))
+    long = make_video(tmp_path / "long.mp4", seconds=3, fps=5)
+    with pytest.raises(TooLongError):
+        VideoSource(str(long), SamplingPolicy(), DecodeLimits(**{**LIMITS.__dict__, "max_duration_s": 2.0}))
+    src = VideoSource(str(long), SamplingPolicy(fps=5), DecodeLimits(**{**LIMITS.__dict__, "decode_budget_s": 0.0}))
+    with pytest.raises(MediaTimeoutError), src:
+        list(src.chunks())
+
+
+def test_hwaccel_cuda_falls_back_to_software(tmp_path):
+    path = make_video(tmp_path / "h.mp4", seconds=2, fps=10)
+    src, times, frames, _ = decode_all(path, hwaccel="cuda")
+    assert len(frames) == 2 and src.stats.hwaccel in ("none", "cuda")
+
+
+def test_limits_from_settings():
+    from worker.config import Settings
+
+    limits = DecodeLimits.from_settings(Settings(max_pixels=123, decode_budget_s=7))
+    assert limits.max_pixels == 123 and limits.decode_budget_s == 7

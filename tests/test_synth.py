@@ -1,0 +1,144 @@
+"""The generated benchmark set: layout, real decodable media, TSV format, determinism, coverage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from model import synth
+from worker.cli import main as cli_main
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    assert cli_main(["dataset", "synth", str(out), "--videos", str(N), "--seed", "7", "--workers", "2"]) == 0
+    return out
+
+
+def _rows(out: Path) -> dict[str, list[list[str]]]:
+    return {name: [line.split("\t") for line in (out / f"{name}.tsv").read_text(encoding="utf-8").splitlines()]
+            for name in ("train", "val", "test")}
+
+
+def test_cli_writes_the_layout(dataset: Path) -> None:
+    for name in ("class.txt", "train.tsv", "val.tsv", "test.tsv", "meta.json", "truth.jsonl"):
+        assert (dataset / name).is_file(), name
+    videos = sorted(p.name for p in (dataset / "videos").iterdir())
+    assert videos == [f"v{i:05d}.mp4" for i in range(N)]  # no temporary files left behind
+    meta = json.loads((dataset / "meta.json").read_text(encoding="utf-8"))
+    assert (meta["seed"], meta["videos"], meta["version"]) == (7, N, synth.VERSION)
+    assert sum(meta["splits"].values()) == N
+
+
+def test_class_file_holds_chinese_two_level_labels(dataset: Path) -> None:
+    classes = (dataset / "class.txt").read_text(encoding="utf-8").splitlines()
+    assert classes == synth.labels()
+    assert 25 <= len(classes) <= 35 and len(set(classes)) == len(classes)
+    groups = {c.split("-")[0] for c in classes}
+    assert 6 <= len(groups) <= 10
+    assert all(c.count("-") == 1 and all("\u4e00" <= ch <= "\u9fff" for ch in c.replace("-", "")) for c in classes)
+
+
+def test_tsv_rows_parse_and_splits_partition_the_ids(dataset: Path) -> None:
+    classes = set((dataset / "class.txt").read_text(encoding="utf-8").splitlines())
+    rows = _rows(dataset)
+    assert all(rows.values()), {k: len(v) for k, v in rows.items()}
+    paths = []
+    for split_rows in rows.values():
+        for row in split_rows:
+            assert len(row) == 3, row
+            path, title, labels = row
+            assert (dataset / path).is_file() and path.startswith("videos/")
+            assert "\t" not in title and "\n" not in title
+            assert labels and set(labels.split(",")) <= classes, labels
+            paths.append(path)
+    assert len(paths) == len(set(paths)) == N
+    assert len(rows["train"]) > len(rows["test"])
+
+
+def test_videos_are_real_h264_aac_with_the_planned_duration_and_varied_formats(dataset: Path) -> None:
+    truth = [json.loads(line) for line in (dataset / "truth.jsonl").read_text(encoding="utf-8").splitlines()]
+    shapes = set()
+    for spec in truth:
+        with av.open(str(dataset / "videos" / f"{spec['vid']}.mp4")) as container:
+            vs, aus = container.streams.video[0], container.streams.audio[0]
+            assert vs.codec_context.name == "h264" and aus.codec_context.name == "aac"
+            assert (vs.width, vs.height) == (spec["width"], spec["height"])
+            assert aus.rate == spec["audio_rate"] and aus.channels == spec["channels"]
+            frames = list(container.decode(video=0))
+        assert len(frames) == spec["n_frames"]
+        assert frames[0].format.name == "yuv420p"
+        seconds = spec["n_frames"] / spec["fps"]
+        assert 3.0 <= seconds <= 5.0
+        assert float(frames[-1].pts * frames[-1].time_base) == pytest.approx(seconds - 1 / spec["fps"], abs=1e-3)
+        rgb = frames[len(frames) // 2].to_ndarray(format="rgb24")
+        assert rgb.std() > 10  # a picture, not a flat colour
+        shapes.add((spec["width"], spec["height"], spec["fps"]))
+    assert len(shapes) >= 4
+
+
+def test_audio_decodes_and_carries_the_labelled_signature() -> None:
+    # A "label" video's sound has its energy near the label's centre frequency.
+    spec = next(s for s in (synth.make_spec(11, i) for i in range(200))
+                if s.audio_mode == "label" and len(s.content) == 1
+                and synth.sound_signature(s.content[0])[0] == "tone")
+    rng = np.random.default_rng(0)
+    audio = synth._audio(spec, rng)[0]
+    spectrum = np.abs(np.fft.rfft(audio))
+    freqs = np.fft.rfftfreq(audio.size, 1 / spec.audio_rate)
+    centre = synth.sound_signature(spec.content[0])[1]
+    peak = freqs[np.argmax(spectrum * (freqs > 150))]
+    assert centre * 0.4 < peak < centre * 2.5
+
+
+def test_same_seed_same_labels_and_titles_other_seed_differs(dataset: Path, tmp_path: Path) -> None:
+    # Metadata is drawn before any rendering: compare the TSVs of a second, fresh run.
+    again = tmp_path / "again"
+    synth.generate(again, N, seed=7, workers=1)
+    for name in ("train", "val", "test", "class"):
+        suffix = ".txt" if name == "class" else ".tsv"
+        assert (again / f"{name}{suffix}").read_bytes() == (dataset / f"{name}{suffix}").read_bytes()
+    specs = [synth.make_spec(8, i) for i in range(N)]
+    assert [(s.title, s.labels) for s in specs] != [(s.title, s.labels) for s in (synth.make_spec(7, i) for i in range(N))]
+
+
+def test_rerun_keeps_existing_videos_and_refuses_another_seed(dataset: Path) -> None:
+    target = dataset / "videos" / "v00000.mp4"
+    before = target.stat().st_mtime_ns
+    synth.generate(dataset, N, seed=7, workers=1)
+    assert target.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="seed 7"):
+        synth.generate(dataset, N, seed=8)
+    assert cli_main(["dataset", "synth", str(dataset), "--videos", str(N), "--seed", "9"]) == 2
+
+
+def test_every_group_is_covered_and_the_mix_matches_the_design() -> None:
+    n = 400
+    specs = [synth.make_spec(3, i) for i in range(n)]
+    # Groups come in shuffled blocks: the first 8 videos already cover all 8 groups.
+    assert {s.content[0].split("-")[0] for s in specs[:8]} == {g[0] for g in synth.GROUPS}
+    recorded = {lab.split("-")[0] for s in specs[:24] for lab in s.labels}
+    assert recorded == {g[0] for g in synth.GROUPS}
+    kinds = [s.title_kind for s in specs]
+    for kind, p in synth.TITLE_KINDS.items():
+        assert abs(kinds.count(kind) / n - p) < 0.07, kind
+    assert all(s.title == "" for s in specs if s.title_kind == "empty")
+    assert all(s.title for s in specs if s.title_kind != "empty")
+    multi = sum(len(s.labels) > 1 for s in specs) / n
+    noisy = sum(s.labels[0] != s.content[0] for s in specs) / n
+    assert 0.05 < multi < 0.2 and 0.02 < noisy < 0.12
+    # An informative title names one of the content's keywords; a misleading one a sibling's.
+    keywords = {f"{g}-{t}": kws for g, _, _, tags in synth.GROUPS for t, kws, _ in tags}
+    for s in specs:
+        if s.title_kind == "label":
+            assert any(k in s.title for k in keywords[s.content[0]])
+        if s.title_kind == "sibling":
+            siblings = [lab for lab in keywords if lab.split("-")[0] == s.content[0].split("-")[0] and lab != s.content[0]]
+            assert any(k in s.title for lab in siblings for k in keywords[lab])

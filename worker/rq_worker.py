@@ -1,0 +1,455 @@
+"""The tagging worker: an rq 3 ``BaseWorker`` with up to K jobs in flight in one process.
+
+Lifecycle (REFERENCE.md, "rq 3.0.0 with several jobs in flight"): a slot semaphore of K;
+``Queue.dequeue_any`` with a 1 s block (BLMOVE into ``rq:queue:<q>:intermediate``);
+``prepare_execution(job)`` per job (so ``rq info`` lists every execution); each job body runs in a
+thread through rq's ``perform_job`` -> ``handle_job_success`` / ``handle_job_failure``. One heartbeat
+thread refreshes the worker, every execution and every job in one pipeline each
+``heartbeat_interval_s`` with TTL ``heartbeat_ttl_s`` (:meth:`get_heartbeat_ttl` never goes negative).
+There is no SIGALRM death penalty (it fails every threaded job): deadlines are cooperative
+(``job_timeout_s`` is passed to the pipeline, and :func:`worker.jobs.tag_video` stops waiting).
+
+Maintenance every ``maintenance_interval_s`` (rq's ``clean_registries``, worker registry and the
+intermediate queue, under a lock that expires after two intervals so a killed worker cannot block it
+for rq's 15 minutes): a dead worker's executions expire ``heartbeat_ttl_s`` after its last beat and are
+retried (one retry spent) by whichever worker runs maintenance next, so recovery takes about
+``heartbeat_ttl_s + maintenance_interval_s`` plus the job's run time (defaults: 20 + 10 s).
+
+Failures: before anything of rq runs, :func:`worker.jobs.refusal_of` inspects the raw payload; a job
+that is not exactly the tag job is failed with reason ``invalid_job`` and never executed. Permanent
+errors (``TagstreamError.permanent``) are failed without retry; transient ones use rq's ``Retry``. A
+final failure writes the failed document; the reason is in the rq failed registry (``exc_info``
+starts with ``reason=<code>``) and in ``job.meta["reason"]``.
+
+Shutdown: the first SIGTERM/SIGINT stops dequeuing and lets in-flight jobs finish for
+``shutdown_grace_s``; then the rest are handed back without spending a retry (one MULTI:
+``cleanup_execution`` + ``enqueue_job(at_front=True)``). A second signal hands back at once.
+
+Redis outages: the loop, heartbeats, bridge and result writes catch connection errors and back off
+(0.1 s doubling up to 4 s); in-flight work continues, results are written when Redis returns.
+
+At-least-once: a worker paused longer than the heartbeat TTL may see its job re-run elsewhere and
+still finish it. We accept that instead of checking registration before finalising: result writes are
+idempotent (one result key; the ``tagstream:tagged`` stream may get a second event).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import StartedJobRegistry, clean_registries
+from rq.serializers import JSONSerializer
+from rq.suspension import is_suspended
+from rq.timeouts import BaseDeathPenalty
+from rq.utils import now
+from rq.worker import BaseWorker, WorkerStatus
+from rq.worker_registration import clean_worker_registry
+
+from worker import jobs
+from worker.config import Settings
+from worker.errors import InvalidJobError, ShutdownError, TagstreamError, reason_of
+from worker.jobs import JobContext, TagJob, parse_payload, refusal_of
+from worker.keys import job_id_for
+from worker.result import failed_document
+from worker.sink import REDIS_ERRORS, ResultSink, retry_redis
+
+log = logging.getLogger(__name__)
+
+
+class NoDeathPenalty(BaseDeathPenalty):
+    """rq's default penalty uses SIGALRM (main thread only); deadlines here are cooperative."""
+
+    def setup_death_penalty(self) -> None:
+        pass
+
+    def cancel_death_penalty(self) -> None:
+        pass
+
+
+class TagWorker(BaseWorker):
+    """See the module docstring. ``pipeline`` has ``submit(VideoRequest) -> Future[dict]``."""
+
+    death_penalty_class = NoDeathPenalty
+    job_class = TagJob
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: redis.Redis,
+        pipeline: Any,
+        *,
+        model_version: str = "",
+        metrics: Any = None,
+        name: str | None = None,
+        request_factory: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model_version = model_version
+        queue = Queue(
+            settings.queue, connection=connection, job_class=TagJob, serializer=JSONSerializer,
+            death_penalty_class=NoDeathPenalty,
+        )  # fmt: skip
+        super().__init__(
+            [queue], name=name, connection=connection, serializer=JSONSerializer, job_class=TagJob,
+            default_result_ttl=settings.result_ttl_s, maintenance_interval=settings.maintenance_interval_s,
+            worker_ttl=max(20, int(settings.heartbeat_ttl_s)), job_monitoring_interval=settings.heartbeat_interval_s,
+        )  # fmt: skip
+        self.queue = queue
+        self.slots = threading.Semaphore(settings.concurrency)
+        self.give_up = threading.Event()  # second signal: stop retrying Redis, hand back now
+        self.stopping = threading.Event()  # first signal: stop dequeuing
+        self._hb_stop = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._errors: dict[str, BaseException] = {}
+        self._handed_back = 0
+        self.redis_ok = False
+        self.jobs_started = 0
+        self.sink = ResultSink(connection, settings, give_up=self.give_up, metrics=metrics)
+        self.runtime = jobs.JobRuntime(settings=settings, pipeline=pipeline, sink=self.sink, hand_back=threading.Event(),
+                                       request_factory=request_factory)
+
+    # --- small helpers ---------------------------------------------------------------------------
+    def _redis_state(self, up: bool) -> None:
+        self.redis_ok = up
+        if self.metrics is not None:
+            self.metrics.redis_up.set(1 if up else 0)
+
+    def _retry(self, call: Any, what: str) -> Any:
+        return retry_redis(
+            call, give_up=self.give_up, what=what,
+            on_error=lambda: self._redis_state(False), on_success=lambda: self._redis_state(True),
+        )  # fmt: skip
+
+    def _count(self, outcome: str, reason: str | None = None) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.videos.labels(outcome).inc()
+        if reason:
+            self.metrics.errors.labels(reason).inc()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._threads)
+
+    # --- rq overrides ----------------------------------------------------------------------------
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Always ``heartbeat_ttl_s``: rq's version goes negative once a job outlives its timeout."""
+        return max(1, int(self.settings.heartbeat_ttl_s))
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        self._retry(lambda: super(TagWorker, self).prepare_job_execution(job, remove_from_intermediate_queue),
+                    f"starting job {job.id}")
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        self._retry(lambda: super(TagWorker, self).handle_execution_ended(job, queue, heartbeat_ttl),
+                    f"ending job {job.id}")
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        self._errors[job.id] = exc_info[1]
+        error = exc_info[1]
+        if isinstance(error, TagstreamError):  # an expected outcome: one line, no traceback
+            if not isinstance(error, ShutdownError):
+                log.warning("job %s failed: %s: %s", job.id, error.reason, error)
+            return
+        super().handle_exception(job, *exc_info)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry,
+                           execution: Execution) -> None:
+        def attempt() -> None:
+            self.executions[execution.id] = execution
+            super(TagWorker, self).handle_job_success(job, queue, started_job_registry, execution)
+
+        self._retry(attempt, f"finishing job {job.id}")
+        self._count("tagged")
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Execution | None = None) -> None:
+        error = self._errors.pop(job.id, None)
+        if error is None:  # rq's own call (intermediate-queue cleanup): plain rq semantics
+            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        if isinstance(error, ShutdownError) and execution is not None:
+            self.hand_back(job, queue, execution)
+            return None
+        reason = reason_of(error)
+        permanent = error.permanent if isinstance(error, TagstreamError) else True
+        will_retry = not permanent and job.should_retry
+        if not will_retry:
+            job.retries_left = 0
+        job.meta = {"reason": reason}
+        exc_string = f"reason={reason}\n{exc_string}"
+        self._retry(lambda: job.save_meta(), f"saving reason of {job.id}")
+        if will_retry:
+            log.warning("job %s: %s (transient), retrying (%s left)", job.id, reason, job.retries_left)
+            self._count("retried", reason)
+        else:
+            self._write_failed(job, error)
+            self._count("failed", reason)
+        self._retry(lambda: self.connection.ping(), "waiting for Redis")
+        return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def _write_failed(self, job: Job, error: BaseException) -> None:
+        """Failed document for a job whose video id is known and matches its job id."""
+        try:
+            args = parse_payload(job.data)
+        except InvalidJobError:
+            return
+        if job.id != job_id_for(args.video_id):
+            return
+        self.sink.write(failed_document(args.video_id, error, model_version=self.model_version))
+
+    def hand_back(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """Return an unfinished job to the front of its queue without spending a retry."""
+
+        def attempt() -> None:
+            with self.connection.pipeline() as pipe:
+                pipe.multi()
+                self.cleanup_execution(job, pipe, execution)
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.execute()
+
+        self._retry(attempt, f"handing back {job.id}")
+        self._handed_back += 1
+        self._count("handed_back")
+        log.info("job %s handed back to %s", job.id, queue.name)
+
+    def refuse(self, job: Job, queue: Queue, execution: Execution, error: InvalidJobError) -> None:
+        """Fail a job that is not a valid tag job without executing anything of it."""
+        log.warning("refusing job %s: %s", job.id, error)
+        job.started_at = job.ended_at = now()
+        self._retry(lambda: self.connection.lrem(queue.intermediate_queue_key, 1, job.id), "dequeue bookkeeping")
+        job.retries_left = 0
+        self._errors[job.id] = error
+        self.handle_job_failure(job, queue, queue.started_job_registry, f"InvalidJobError: {error}", execution)
+
+    def clean_registries(self) -> None:
+        """rq's maintenance with a lock that expires after two intervals (rq's own: 899 s)."""
+        for queue in self.queues:
+            lock_s = max(2, int(2 * self.settings.maintenance_interval_s))
+            if not self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_s):
+                continue
+            try:
+                registry = queue.started_job_registry
+                expired = registry.get_expired_job_ids()
+                clean_registries(queue, self._exc_handlers)
+                clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                if expired:
+                    log.warning("collected %d orphaned job(s): %s", len(expired), ", ".join(expired[:10]))
+                    if self.metrics is not None:
+                        self.metrics.orphans_recovered.inc(len(expired))
+            finally:
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()
+
+    # --- threads ---------------------------------------------------------------------------------
+    def _run_job(self, job: Job, queue: Queue, execution: Execution) -> None:
+        enqueued = job.enqueued_at.timestamp() if job.enqueued_at else None
+        jobs.set_context(JobContext(enqueued_at=enqueued, deadline=time.monotonic() + self.settings.job_timeout_s))
+        try:
+            refusal = refusal_of(job)
+            if refusal is not None:
+                self.refuse(job, queue, execution, refusal)
+            else:
+                self.perform_job(job, queue, execution)
+        except Exception:
+            # Finalisation could not reach Redis before give-up: stop beating for this execution so
+            # its TTL expires and maintenance (here or elsewhere) retries the job.
+            log.exception("job %s could not be finalised; left for orphan recovery", job.id)
+            self.executions.pop(execution.id, None)
+        finally:
+            jobs.set_context(None)
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+            self.slots.release()
+
+    def _beat_once(self) -> None:
+        ttl = self.get_heartbeat_ttl(None)  # type: ignore[arg-type]
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.worker_ttl + 60, pipeline=pipe)
+            for execution in list(self.executions.values()):
+                job = execution._job
+                if job is None:
+                    continue
+                execution.heartbeat(job.started_job_registry, ttl, pipe)
+                job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            results = pipe.execute()
+        if results and results[0] == 1:  # our hash had expired (long outage): register again
+            self.register_birth_again()
+
+    def register_birth_again(self) -> None:
+        from rq import worker_registration
+
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())
+            pipe.hset(self.key, "state", self.get_state())
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+
+    def _heartbeat_loop(self) -> None:
+        from worker.queue_metrics import update_queue_metrics
+
+        while not self._hb_stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self._beat_once()
+                if self.metrics is not None:
+                    update_queue_metrics(self.connection, self.queue.name, self.metrics)
+                self._redis_state(True)
+            except REDIS_ERRORS as exc:
+                self._redis_state(False)
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat error")
+
+    # --- signals ---------------------------------------------------------------------------------
+    def request_stop(self, signum: Any = None, frame: Any = None) -> None:
+        """First signal: stop dequeuing, finish within the grace period. Second: hand back now."""
+        if self.stopping.is_set():
+            log.warning("second stop request: handing back in-flight jobs now")
+            self.runtime.hand_back.set()
+            self.give_up.set()
+            return
+        log.info("stop requested: finishing %d in-flight job(s) within %.0f s", self.in_flight(),
+                 self.settings.shutdown_grace_s)
+        self._shutdown_requested_date = now()
+        self.stopping.set()
+
+    def request_force_stop(self, signum: Any = None, frame: Any = None) -> None:
+        self.stopping.set()
+        self.request_stop(signum, frame)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.request_stop)
+            signal.signal(signal.SIGTERM, self.request_stop)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _dequeue(self, burst: bool) -> tuple[Job, Queue] | None:
+        try:
+            return Queue.dequeue_any(
+                self.queues, None if burst else 1, connection=self.connection, job_class=TagJob,
+                serializer=JSONSerializer, death_penalty_class=NoDeathPenalty,
+            )  # fmt: skip
+        except DequeueTimeout:
+            return None
+
+    def _start(self, job: Job, queue: Queue) -> None:
+        execution = self._retry(lambda: self.prepare_execution(job), f"registering job {job.id}")
+        thread = threading.Thread(target=self._run_job, args=(job, queue, execution), name=f"job-{job.id}",
+                                  daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        self.jobs_started += 1
+        thread.start()
+
+    def work(self, burst: bool | None = None, max_jobs: int | None = None, **_: Any) -> bool:  # type: ignore[override]
+        """Run until stopped (signal, ``burst`` and nothing left, or ``max_jobs`` started).
+        Returns True when any job was started."""
+        burst = self.settings.burst if burst is None else burst
+        max_jobs = self.settings.max_jobs if max_jobs is None else max_jobs
+        self._install_signal_handlers()
+        self._retry(self.register_birth, "registering worker")
+        self._redis_state(True)
+        try:
+            self.subscribe()
+        except REDIS_ERRORS:
+            log.warning("could not subscribe to rq commands")
+        self.set_state(WorkerStatus.STARTED)
+        jobs.install_runtime(self.runtime)
+        heart = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heart.start()
+        log.info("worker %s (pid %d) on queue %s, K=%d", self.name, os.getpid(), self.queue.name,
+                 self.settings.concurrency)
+        delay = 0.1
+        try:
+            while not self.stopping.is_set():
+                if max_jobs and self.jobs_started >= max_jobs:
+                    log.info("started %d jobs (max_jobs): recycling", self.jobs_started)
+                    break
+                try:
+                    if self.should_run_maintenance_tasks:
+                        self.clean_registries()
+                    if is_suspended(self.connection, self):
+                        self.stopping.wait(1.0)
+                        continue
+                    if not self.slots.acquire(timeout=0.5):
+                        continue
+                    try:
+                        result = self._dequeue(burst)
+                    except BaseException:
+                        self.slots.release()
+                        raise
+                    if result is None:
+                        self.slots.release()
+                        if burst:
+                            if self.in_flight() == 0 and self._queue_empty():
+                                log.info("burst: queue empty, nothing in flight: done")
+                                break
+                            self.stopping.wait(0.2)
+                        continue
+                    job, queue = result
+                    try:
+                        self._start(job, queue)
+                    except BaseException:
+                        self.slots.release()
+                        raise
+                    delay = 0.1
+                    self._redis_state(True)
+                except REDIS_ERRORS as exc:
+                    self._redis_state(False)
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, delay)
+                    self.stopping.wait(delay)
+                    delay = min(delay * 2, 4.0)
+                except Exception:
+                    log.exception("worker loop error")
+                    self.stopping.wait(1.0)
+            self._drain()
+        finally:
+            self._hb_stop.set()
+            heart.join(timeout=5)
+            jobs.install_runtime(None)
+            try:
+                self.register_death()
+                self.unsubscribe()
+            except REDIS_ERRORS:
+                log.warning("could not register worker death (Redis unavailable)")
+            except Exception:
+                log.exception("teardown error")
+        return self.jobs_started > 0
+
+    def _queue_empty(self) -> bool:
+        return self.queue.count == 0 and self.connection.llen(self.queue.intermediate_queue_key) == 0
+
+    def _drain(self) -> None:
+        """Wait for in-flight jobs: without limit after burst/max_jobs, else for the grace period,
+        then hand back what is left."""
+        graceful_until = time.monotonic() + self.settings.shutdown_grace_s if self.stopping.is_set() else None
+        while self.in_flight():
+            if graceful_until is not None and time.monotonic() >= graceful_until and not self.runtime.hand_back.is_set():
+                log.warning("grace period over: handing back %d job(s)", self.in_flight())
+                self.runtime.hand_back.set()
+            if self.runtime.hand_back.is_set() and self.give_up.is_set():
+                self._join_all(5.0)
+                break
+            time.sleep(0.05)
+            if graceful_until is None and self.stopping.is_set():
+                graceful_until = time.monotonic() + self.settings.shutdown_grace_s
+
+    def _join_all(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
