@@ -8,7 +8,7 @@ from media import bad_inputs, frame_index_of, make_audio, make_video, oversize_v
 
 from worker.decode import AudioChunk, DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
 from worker.errors import MediaTimeoutError, TagstreamError, TooLargeError, TooLongError
-from worker.sampling import plan_strategy
+from worker.sampling import Layout, plan_strategy
 
 LIMITS = DecodeLimits(max_duration_s=3600, max_pixels=4096 * 2304, max_file_bytes=1 << 33,
                       open_timeout_s=5, read_timeout_s=5, decode_budget_s=60)
@@ -86,26 +86,88 @@ def test_target_times_edge_cases():
 
 def test_plan_prefers_sequential_for_long_gop():
     frames = np.arange(250) / 25
-    keys = np.array([0.0])
     targets = SamplingPolicy().target_times(10.0)
-    plan = plan_strategy(frames, keys, targets, 0.5, codec="h264", stream_fps=25)
-    assert plan.strategy in ("sequential", "seek")
-    assert plan.costs["seek"] <= 250 + 4
-    # dense keyframes: keyframe-only
-    plan = plan_strategy(frames, np.arange(10.0), targets, 0.5)
-    assert plan.strategy == "keyframes" and plan.costs["keyframes"] == 10
+    plan = plan_strategy(Layout.from_times(frames, [0.0]), targets, 0.5, codec="h264", stream_fps=25)
+    assert plan.strategy == "sequential_nonref" and plan.skip_frame == "NONREF"
+    assert plan.costs["seek"] <= 250 and plan.costs["sequential_nonref"] < plan.costs["seek"]
+    # dense keyframes: keyframe-only, one keyframe packet per target and nothing else
+    plan = plan_strategy(Layout.from_times(frames, np.arange(10.0)), targets, 0.5)
+    assert plan.strategy == "keyframes" and plan.send.sum() == 10 and plan.detail["seeks"] == 0
+    assert np.allclose(plan.aims, np.arange(10.0))
+    # keyframes every 0.5 s: only every other keyframe is decoded
+    plan = plan_strategy(Layout.from_times(frames, np.arange(20) / 2), targets, 0.5)
+    assert plan.strategy == "keyframes" and plan.send.sum() == 10
+
+
+def test_plan_keyframe_or_nearest_frame_per_target():
+    # 2 s GOP, 1 sample/s: odd targets take the next keyframe (0.5 s away), even ones the nearest frame
+    frames = np.arange(250) / 25
+    targets = SamplingPolicy().target_times(10.0)
+    plan = plan_strategy(Layout.from_times(frames, np.arange(0, 10, 2.0)), targets, 0.5, codec="h264",
+                         stream_fps=25)
+    assert plan.strategy == "seek"
+    assert np.all(np.abs(plan.aims - targets) <= 0.5) and np.all(np.diff(plan.aims) > 0)
+    assert plan.send.sum() < 250 / 3 and plan.costs["seek"] < plan.costs["sequential_nonref"]
+    # sparse samples on a long video: far-apart runs are reached by seeking
+    # (keyframes every 40 s, a sample every 30 s: most targets take a keyframe, every 4th one a frame 15 s
+    # into a GOP)
+    frames = np.arange(25 * 600) / 25
+    targets = SamplingPolicy(fps=1 / 30).target_times(600.0)
+    plan = plan_strategy(Layout.from_times(frames, np.arange(0, 600, 40.0)), targets, 15.0)
+    assert plan.strategy == "seek" and plan.detail["seeks"] >= 10 and plan.send.sum() < 25 * 600 / 6
+    assert np.all(np.abs(plan.aims - targets) <= 15.0) and np.all(np.diff(plan.aims) > 0)
+
+
+def test_plan_drops_leading_pictures_after_a_gap():
+    # open GOP with reordering: decode order I0 P3 B1 B2 | I6 B4 B5 P9 B7 B8 ... (B4, B5 lead I6)
+    times = np.array([0, 3, 1, 2, 6, 4, 5, 9, 7, 8, 12, 10, 11], float)
+    keys = np.zeros(len(times), bool)
+    keys[[0, 4, 10]] = True
+    plan = plan_strategy(Layout(times, keys), np.array([0.4, 7.0]), 0.5, force="seek")
+    assert list(np.flatnonzero(plan.send)) == [0, 4, 7, 8]  # I6 P9 B7 without B4, B5
+    assert np.allclose(plan.aims, [0.0, 7.0])
+    # a target on a leading picture needs the GOP before it
+    plan = plan_strategy(Layout(times, keys), np.array([5.0]), 0.3, force="seek")
+    assert list(np.flatnonzero(plan.send)) == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("codec,suffix,threads", [("libx264", "mp4", 1), ("libx264", "mkv", 2),
+                                                   ("libx265", "mp4", 1), ("libvpx-vp9", "webm", 1)])
+def test_two_second_gop_samples_right_frames(tmp_path, codec, suffix, threads):
+    # B-frames (x264 veryfast: 3, pyramid), open GOP (x265 default), VP9 alt-ref: the seek plan's frames
+    opts = {"preset": "veryfast"} if codec == "libx264" else None
+    path = make_video(tmp_path / f"v.{suffix}", seconds=8, fps=25, gop=50, codec=codec, options=opts)
+    policy = SamplingPolicy(fps=1.0)
+    src, times, frames, _ = decode_all(path, policy, decode_audio=False, codec_threads=threads)
+    check_samples(src, times, frames, 25, policy)
+    assert src.stats.strategy == "seek" and src.stats.fallbacks == 0
+    assert len(set(np.round(times, 3))) == len(times)  # every sample its own frame
+    assert src.stats.frames_decoded <= 200 / 3
+
+
+def test_nonref_fallback_when_references_are_too_far_apart(tmp_path):
+    # 16 non-reference B-frames in a row, 5 samples/s (0.1 s tolerance): NONREF leaves gaps of 17 frames,
+    # so the decoder must notice the miss and decode the rest without skipping
+    params = "keyint=250:min-keyint=250:scenecut=0:bframes=16:b-adapt=0:b-pyramid=none"
+    path = make_video(tmp_path / "b16.mp4", seconds=4, fps=25, gop=250, options={"x264-params": params})
+    policy = SamplingPolicy(fps=5.0)
+    src, times, frames, _ = decode_all(path, policy, decode_audio=False, strategy="sequential_nonref")
+    assert src.stats.fallbacks == 1
+    check_samples(src, times, frames, 25, policy)
 
 
 def test_nonref_only_when_tolerance_spans_many_frames(tmp_path):
     targets = SamplingPolicy(fps=0.5).target_times(20.0)
-    assert plan_strategy(None, None, targets, 1.0, codec="h264", stream_fps=25).strategy == "sequential_nonref"
-    assert plan_strategy(None, None, targets, 0.2, codec="h264", stream_fps=25).strategy == "sequential"
+    assert plan_strategy(None, targets, 1.0, codec="h264", stream_fps=25).strategy == "sequential_nonref"
+    assert plan_strategy(None, targets, 0.2, codec="h264", stream_fps=25).strategy == "sequential"
+    assert plan_strategy(None, targets, 1.0, codec="mjpeg", stream_fps=25).strategy == "sequential"
     # real B-frame video decoded with NONREF still meets the tolerance
     path = make_video(tmp_path / "b.mkv", seconds=8, fps=25, gop=250, bframes=3,
                       options={"preset": "fast"})
     policy = SamplingPolicy(fps=0.5)
     src, times, frames, _ = decode_all(path, policy, decode_audio=False)
-    assert src.stats.strategy in ("sequential_nonref", "seek")
+    assert src.stats.strategy == "sequential_nonref" and src.stats.fallbacks == 0
+    assert src.stats.frames_decoded < 190  # non-reference B-frames were skipped
     targets = policy.target_times(src.info.duration_s)
     assert np.all(np.abs(times - targets) <= policy.tolerance_s(src.info.duration_s))
     for t, f in zip(times, frames, strict=True):
@@ -216,3 +278,20 @@ def test_limits_from_settings():
 
     limits = DecodeLimits.from_settings(Settings(max_pixels=123, decode_budget_s=7))
     assert limits.max_pixels == 123 and limits.decode_budget_s == 7
+
+
+@pytest.mark.parametrize("size", [(640, 360), (1920, 1080), (360, 640), (162, 98)])
+def test_crop_first_conversion_matches_scale_then_crop(size):
+    import av
+
+    from worker.convert import to_rgb
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)  # smooth, position-dependent content
+    img = np.stack([128 + 120 * np.sin(7 * xx), 128 + 120 * np.cos(5 * yy), 255 * xx * yy], -1)
+    frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24").reformat(format="yuv420p")
+    fast = to_rgb(frame, 256, 224).astype(int)  # crops the planes, then scales
+    whole = to_rgb(frame.reformat(format="yuv444p"), 256, 224).astype(int)  # scales all, then crops
+    assert fast.shape == whole.shape == (224, 224, 3)
+    assert np.abs(fast - whole).mean() < 1.0, np.abs(fast - whole).mean()  # a 3-pixel shift gives 1.5
+    assert np.array_equal(to_rgb(frame, 256, 224, rotation=90), np.rot90(to_rgb(frame, 256, 224)))

@@ -20,8 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("model.evaluate", "Evaluate a checkpoint: Hit@k, GAP@20, mAP as JSON."),
     "enqueue": ("worker.client", "Enqueue a video for tagging."),
     "status": ("worker.client_status", "Show a video's job state and result."),
-    "worker": ("worker.runner", "Run a tagging worker (one per GPU)."),
-    "demo": ("worker.demo", "Start Redis if needed, enqueue samples, run a worker, print tags."),
+    "worker": ("worker.runner", "Run a tagging worker; --gpus all runs one per visible GPU."),
+    "demo": ("worker.demo", "Start Redis if none is configured, tag sample videos with a worker, print tags."),
 }
 
 

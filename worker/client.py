@@ -2,8 +2,11 @@
 
 The contract (DESIGN.md section 3): rq queue ``settings.queue`` with rq's JSON serializer, function by
 dotted path ``worker.jobs.tag_video(video_id, uri=None, title="")``, job id
-``worker.keys.job_id_for(video_id)``, ``unique=True`` and ``Retry(max=settings.job_retries)`` without
-an interval (an interval needs rq's scheduler, which would fork the worker holding the models).
+``worker.keys.job_id_for(video_id)``, ``unique=True`` and ``Retry(max=settings.job_retries,
+enqueue_at_front=True)`` without an interval (an interval needs rq's scheduler, which would fork the
+worker holding the models). A retried job (transient failure, or orphaned by a dead worker) goes back
+to the *front* of the queue: its turn had come already, so a crash does not send it behind the whole
+backlog, and orphan recovery time stays bounded by the heartbeat TTL + maintenance interval.
 
 Enqueueing a video whose job still exists (queued, running, or finished/failed within its result or
 failure TTL) is harmless: rq raises ``DuplicateJobError`` and :func:`enqueue_video` reports "already
@@ -47,7 +50,7 @@ def enqueue_video(
     if not isinstance(video_id, str) or not video_id:
         raise ValueError("video_id must be a non-empty string")
     job_id = job_id_for(video_id)
-    retry = Retry(max=settings.job_retries) if settings.job_retries > 0 else None
+    retry = Retry(max=settings.job_retries, enqueue_at_front=True) if settings.job_retries > 0 else None
     try:
         tag_queue(connection, settings).enqueue_call(
             JOB_FUNCTION,

@@ -41,50 +41,60 @@ class Settings(BaseSettings):
     # --- worker lifecycle ---------------------------------------------------------------------------
     concurrency: int = Field(8, ge=1, description="K: jobs in flight per worker process.")
     decode_threads: int = Field(0, ge=0, description="Decode threads; 0 means the CPU count.")
-    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a worker renews its own and its jobs' heartbeats.")
     heartbeat_ttl_s: float = Field(20.0, gt=0, description="A job whose worker stops beating is orphaned after this.")
     maintenance_interval_s: float = Field(10.0, gt=0, description="How often a worker collects orphaned jobs.")
     shutdown_grace_s: float = Field(60.0, ge=0, description="SIGTERM: time to finish in-flight jobs.")
     max_jobs: int = Field(0, ge=0, description="Exit after this many jobs (0: never); recycles workers.")
     burst: bool = Field(False, description="Exit when the queue is empty and nothing is in flight.")
     metrics_port: int = Field(9108, description="Prometheus /metrics, /healthz, /readyz; 0 disables.")
-    metrics_host: str = Field("0.0.0.0")
-    log_level: str = Field("INFO")
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics and health server binds to.")
+    log_level: str = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING or ERROR.")
 
     # --- batching -----------------------------------------------------------------------------------
-    image_batch_size: int = Field(64, ge=1)
-    audio_batch_size: int = Field(128, ge=1)
-    text_batch_size: int = Field(64, ge=1)
-    fusion_batch_size: int = Field(32, ge=1)
+    image_batch_size: int = Field(64, ge=1, description="Max frames per image-extractor batch (across videos).")
+    audio_batch_size: int = Field(128, ge=1, description="Max 0.96 s audio patches per audio-extractor batch.")
+    text_batch_size: int = Field(64, ge=1, description="Max titles per text-encoder batch.")
+    fusion_batch_size: int = Field(32, ge=1, description="Max videos per fusion-model batch.")
     batch_max_wait_s: float = Field(0.02, ge=0, description="Max wait for a batch to fill.")
 
     # --- sampling and decode limits -----------------------------------------------------------------
     fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
     max_frames: int = Field(300, ge=1, description="Longer videos are sampled uniformly.")
-    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    max_duration_s: float = Field(4 * 3600.0, gt=0, description="Longer videos are refused (too_long).")
     max_pixels: int = Field(4096 * 2304, gt=0, description="Width x height limit per frame.")
-    max_file_bytes: int = Field(8 * 1024**3, gt=0)
-    open_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
+    max_file_bytes: int = Field(8 * 1024**3, gt=0, description="Larger files or HTTP resources are refused.")
+    open_timeout_s: float = Field(10.0, gt=0, description="Limit on opening a file or URL (timeout).")
+    read_timeout_s: float = Field(30.0, gt=0, description="Limit on one network read (slow servers fail with timeout).")
     decode_budget_s: float = Field(300.0, gt=0, description="Decode wall-time budget per video.")
     allow_audio_only: bool = Field(False, description="Tag audio-only files instead of refusing them.")
     hwaccel: Literal["auto", "cuda", "none"] = Field("auto", description="NVDEC when a GPU is present.")
+    max_aspect_ratio: float = Field(10.0, ge=1, description="Refuse video whose long/short side ratio exceeds this.")
+    max_redirects: int = Field(5, ge=0, description="HTTP redirects followed; each target passes the URI policy.")
+    decode_isolation: bool = Field(
+        True, description="Decode in supervised child processes: an FFmpeg crash fails one video, not the worker."
+    )
+    decode_memory_limit_mb: int = Field(
+        3072, ge=0, description="Address-space limit of each isolated decoder process (0: none; off with hwaccel)."
+    )
 
     # --- URI policy ---------------------------------------------------------------------------------
-    allowed_schemes: CsvList = Field(["file", "http", "https"])
+    allowed_schemes: CsvList = Field(["file", "http", "https"], description="URI schemes a job may use.")
     allowed_hosts: CsvList = Field([], description="HTTP(S) hosts allowed; empty allows none.")
     allowed_roots: CsvList = Field([], description="Local directories allowed; empty allows none.")
 
     # --- model ---------------------------------------------------------------------------------------
     checkpoint: Path | None = Field(None, description="Fusion checkpoint dir; default: the shipped demo one.")
-    image_arch: Literal["efficientnet_lite0", "resnet50"] = Field("efficientnet_lite0")
+    image_arch: Literal["efficientnet_lite0", "resnet50"] = Field(
+        "efficientnet_lite0", description="Image extractor; resnet50 needs image_weights."
+    )
     image_weights: Path | None = Field(None, description="torchvision-format ResNet-50 state dict.")
     vggish_weights: Path | None = Field(None, description="torchvggish-layout state dict.")
     vggish_pca: Path | None = Field(None, description="torchvggish PCA params (optional).")
     text_encoder_dir: Path | None = Field(None, description="Local transformers model dir.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    top_k_tags: int = Field(5, ge=1)
-    top_k_concepts: int = Field(5, ge=0)
+    top_k_tags: int = Field(5, ge=1, description="Level-2 tags (and level-1 categories) per result.")
+    top_k_concepts: int = Field(5, ge=0, description="ImageNet concepts per result (0: none).")
 
     @field_validator("allowed_schemes", "allowed_hosts", "allowed_roots", mode="before")
     @classmethod
@@ -113,6 +123,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str] | N
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))
+        else:
+            kwargs["metavar"] = name.upper()
         group.add_argument(_flag(name), dest=f"setting_{name}", **kwargs)
 
 

@@ -9,10 +9,15 @@ Interpretations:
 
 - Timestamps are seconds from the video stream's start time (``stream.start_time``), from each frame's
   presentation timestamp (``best_effort_timestamp`` when ``pts`` is missing).
-- Frames: swscale (one ``VideoReformatter`` per thread, ``threads=1``) resizes the *display* image so
-  its short side is ``resize_short`` and converts to RGB; rotation metadata (``frame.rotation``, the
-  counter-clockwise display-matrix angle) is then applied with ``np.rot90`` on the small image; finally
-  a ``crop_size`` centre crop.
+- Frames: :func:`worker.convert.to_rgb` (swscale, one ``VideoReformatter`` per thread, ``threads=1``):
+  the *display* image (``frame.rotation`` honoured) resized to short side ``resize_short``, centre crop
+  ``crop_size``, RGB. Only the sampled frames are converted.
+- Video decoding follows the plan of :func:`worker.sampling.plan_strategy`: only the planned packets are
+  sent to the decoder (the others are demuxed and dropped, or seeked over), ``skip_frame=NONREF`` for
+  ``sequential_nonref``. Every sample is checked against its target; a miss (a stream that breaks the
+  plan's assumptions) makes the rest be decoded without skipping from the keyframe before the missed
+  bin (``DecodeStats.fallbacks``). ``codec_threads`` (default 1: parallelism comes from decoding several
+  videos at once) is the decoder's thread count, frame threading when > 1.
 - Audio is read through a second demuxer on the same input (so seeking the video never leaves gaps in
   the audio); chunks are contiguous, ``audio_chunk_s`` long (the last one shorter), interleaved with the
   frame chunks by time. A URL is therefore fetched twice when audio is decoded.
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,8 +38,8 @@ from typing import TYPE_CHECKING
 import av
 import av.error
 import numpy as np
-from av.video.reformatter import Interpolation, VideoReformatter
 
+from worker.convert import to_rgb
 from worker.errors import (
     DecodeError,
     MediaTimeoutError,
@@ -44,7 +48,7 @@ from worker.errors import (
     UnsupportedMediaError,
 )
 from worker.media_open import is_url, make_hwaccel, map_av_error, open_input
-from worker.sampling import Plan, SamplingPolicy, nearest_indices, plan_strategy
+from worker.sampling import Layout, Plan, SamplingPolicy, Selector, nearest_indices, plan_strategy
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -53,16 +57,7 @@ __all__ = ["AudioChunk", "DecodeLimits", "DecodeStats", "FrameChunk", "MediaInfo
 
 log = logging.getLogger(__name__)
 AUDIO_RATE = 16000
-_local = threading.local()
 _hw_failed = False
-
-
-def _reformatter() -> VideoReformatter:
-    """The calling thread's VideoReformatter (PyAV 18 builds a scaler per call otherwise)."""
-    ref = getattr(_local, "reformatter", None)
-    if ref is None:
-        ref = _local.reformatter = VideoReformatter()
-    return ref
 
 
 @dataclass(frozen=True)
@@ -128,6 +123,8 @@ class DecodeStats:
     audio_seconds: float = 0.0
     timings_s: dict[str, float] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, float] = field(default_factory=dict)  # packets, keyframes, seeks, packets sent to the decoder
+    fallbacks: int = 0  # times a missed target made the rest be decoded without skipping
     hwaccel: str = "none"
 
     def to_dict(self) -> dict:
@@ -139,8 +136,10 @@ class VideoSource:
 
     def __init__(self, uri: str, policy: SamplingPolicy, limits: DecodeLimits, *, crop_size: int = 224,
                  resize_short: int = 256, chunk_frames: int = 16, audio_chunk_s: float = 10.0,
-                 hwaccel: str = "none", decode_audio: bool = True) -> None:
+                 hwaccel: str = "none", decode_audio: bool = True, codec_threads: int = 1,
+                 strategy: str | None = None) -> None:
         self.uri, self.policy, self.limits = uri, policy, limits
+        self.codec_threads, self.force_strategy = max(0, codec_threads), strategy
         self.crop_size, self.resize_short = crop_size, max(resize_short, crop_size)
         self.chunk_frames, self.audio_chunk_s = max(1, chunk_frames), audio_chunk_s
         self.decode_audio = decode_audio
@@ -156,6 +155,11 @@ class VideoSource:
             self.close()
             raise
         self.stats.timings_s["open_s"] = time.perf_counter() - t0
+
+    @property
+    def layout(self) -> Layout | None:
+        """The video's packets in decode order (times, keyframe flags), as the planner sees them."""
+        return self._layout
 
     # --- opening and inspection -------------------------------------------------------------------
     def _open_plain(self, hw: object | None = None) -> av.container.InputContainer:
@@ -206,20 +210,22 @@ class VideoSource:
             if self._v.codec_context.name in ("png", "mjpeg", "bmp", "gif", "webp") and (self._v.frames or 0) == 1:
                 raise UnsupportedMediaError("a single still image is not a video", detail={"uri": self.uri})
         self._start = 0.0
+        self._tb = float(self._v.time_base) if self._v is not None else 0.0
         if self._v is not None and self._v.start_time is not None:
             self._start = float(self._v.start_time * self._v.time_base)
-        self._frame_times, self._key_times = self._keyframe_layout()
-        if duration is None and self._frame_times is not None and len(self._frame_times):
-            duration = float(self._frame_times[-1] + (1.0 / fps if fps else 0.0))
+        self._layout = self._keyframe_layout()
+        if duration is None and self._layout is not None:
+            duration = float(self._layout.times.max() + (1.0 / fps if fps else 0.0))
         if duration is not None and duration > self.limits.max_duration_s:
             raise TooLongError(f"duration {duration:.1f} s exceeds max_duration_s {self.limits.max_duration_s}",
                                detail={"uri": self.uri, "duration_s": duration})
         self._duration = duration
         disp_w, disp_h = (height, width) if rotation % 180 else (width, height)
         key_iv = None
-        if self._key_times is not None and len(self._key_times) > 1:
-            key_iv = float(np.mean(np.diff(self._key_times)))
-        elif self._key_times is not None and len(self._key_times) == 1 and duration:
+        key_times = np.sort(self._layout.key_times) if self._layout is not None else None
+        if key_times is not None and len(key_times) > 1:
+            key_iv = float(np.mean(np.diff(key_times)))
+        elif key_times is not None and len(key_times) == 1 and duration:
             key_iv = duration
         a = self._a
         self.info = MediaInfo(
@@ -231,29 +237,23 @@ class VideoSource:
             size_bytes=(c.size or None) if c.size and c.size > 0 else None,
         )
 
-    def _keyframe_layout(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """All frame times and keyframe times (seconds from start) from the index or a packet-only pass."""
+    def _packet_time(self, packet: av.Packet) -> float | None:
+        ts = packet.pts if packet.pts is not None else packet.dts
+        return None if ts is None else ts * self._tb - self._start
+
+    def _keyframe_layout(self) -> Layout | None:
+        """Packets in decode order (presentation time, keyframe flag): a packet-only demux pass for local
+        files, the container index (decode times) for URLs; None when neither is available."""
         v = self._v
         if v is None:
-            return None, None
+            return None
         t0 = time.perf_counter()
         tb = float(v.time_base)
-        entries = v.index_entries
         times: list[float] = []
-        keys: list[float] = []
-        self._seek_ts: dict[float, int] = {}
-        if len(entries) > 1 and any(not e.is_keyframe for e in entries):
-            # index timestamps are decode times; shift them so the first one is the stream start
-            base = min(e.timestamp for e in entries)
-            for e in entries:
-                if e.is_discard:
-                    continue
-                t = (e.timestamp - base) * tb
-                times.append(t)
-                if e.is_keyframe:
-                    keys.append(t)  # seeks use t + start in pts units (mov seeks by presentation time)
-            source = "index"
-        elif not is_url(self.uri):
+        keys: list[bool] = []
+        self._seek_ts: dict[int, int] = {}  # packet index of a keyframe -> its timestamp, for seeking
+        exact = True
+        if not is_url(self.uri):
             c = self._container
             try:
                 for packet in c.demux(v):
@@ -262,22 +262,26 @@ class VideoSource:
                     ts = packet.pts if packet.pts is not None else packet.dts
                     if ts is None:
                         continue
-                    times.append(ts * tb - self._start)
                     if packet.is_keyframe:
-                        keys.append(ts * tb - self._start)
-                        self._seek_ts[ts * tb - self._start] = ts
+                        self._seek_ts[len(times)] = ts
+                    times.append(ts * tb - self._start)
+                    keys.append(bool(packet.is_keyframe))
                 c.seek(0, backward=True, any_frame=False)
             except av.error.FFmpegError as exc:
                 raise map_av_error(exc, self.uri) from exc
-            source = "demux"
         else:
-            self.stats.timings_s["index_s"] = time.perf_counter() - t0
-            return None, None
+            entries = [e for e in v.index_entries if not e.is_discard]
+            if len(entries) > 1 and any(not e.is_keyframe for e in entries):
+                # index timestamps are decode times; shift them so the first one is the stream start
+                base = min(e.timestamp for e in entries)
+                times = [(e.timestamp - base) * tb for e in entries]
+                keys = [bool(e.is_keyframe) for e in entries]
+                exact = False
         self.stats.timings_s["index_s"] = time.perf_counter() - t0
-        log.debug("keyframe layout from %s: %d frames, %d keyframes", source, len(times), len(keys))
         if not times:
-            return None, None
-        return np.sort(np.array(times)), np.sort(np.array(keys))
+            return None
+        log.debug("layout (%s): %d packets, %d keyframes", "demux" if exact else "index", len(times), sum(keys))
+        return Layout(np.array(times), np.array(keys, bool), exact)
 
     # --- decoding -------------------------------------------------------------------------------------
     def _check_budget(self) -> None:
@@ -291,107 +295,145 @@ class VideoSource:
             self.info.rotation = rot * 90
             if rot % 2:
                 self.info.width, self.info.height = self.info.height, self.info.width
-        w, h = frame.width, frame.height
-        disp_w, disp_h = (h, w) if rot % 2 else (w, h)
-        scale = self.resize_short / min(disp_w, disp_h)
-        out_w, out_h = max(self.crop_size, round(disp_w * scale)), max(self.crop_size, round(disp_h * scale))
-        sw, sh = (out_h, out_w) if rot % 2 else (out_w, out_h)
-        rgb = _reformatter().reformat(frame, sw, sh, "rgb24", interpolation=Interpolation.BILINEAR,
-                                      threads=1).to_ndarray()
-        if rot:
-            rgb = np.rot90(rgb, k=rot)
-        y0, x0 = (rgb.shape[0] - self.crop_size) // 2, (rgb.shape[1] - self.crop_size) // 2
-        return np.ascontiguousarray(rgb[y0 : y0 + self.crop_size, x0 : x0 + self.crop_size])
+        return to_rgb(frame, self.resize_short, self.crop_size, rotation=rot * 90)
 
     def _frame_time(self, frame: av.VideoFrame) -> float | None:
         ts = frame.pts if frame.pts is not None else getattr(frame, "best_effort_timestamp", None)
         if ts is None:
             return None
-        return float(ts * self._v.time_base) - self._start
+        return ts * self._tb - self._start
 
-    def _decoded_frames(self, after_seek_to: float | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
-        """Decode the video stream from the current position, yielding (time, frame)."""
+    def _demux(self, seek_ts: int | None = None) -> Iterator[av.Packet]:
+        """Video packets (non-empty) from the current position, or after seeking to ``seek_ts``."""
         c, v = self._container, self._v
-        if after_seek_to is not None:
-            pts = self._seek_ts.get(after_seek_to)
-            if pts is None:
-                pts = int(round((after_seek_to + self._start) / float(v.time_base)))
-            c.seek(pts, stream=v, backward=True, any_frame=False)
-            v.codec_context.flush_buffers()
+        if seek_ts is not None:
+            c.seek(seek_ts, stream=v, backward=True, any_frame=False)  # also flushes the decoder
+        for packet in c.demux(v):
+            self._check_budget()
+            if packet.size:
+                yield packet
+
+    def _index_of(self, packet: av.Packet, prev: int) -> int:
+        """Decode-order index of ``packet`` in the layout: resynchronised on every keyframe (by time)."""
+        lay = self._layout
+        if lay is None or not packet.is_keyframe or not len(self._key_idx):
+            return prev + 1
+        t = self._packet_time(packet)
+        if t is None:
+            return prev + 1
+        return int(self._key_idx[nearest_indices(self._key_t, np.array([t]))[0]])
+
+    def _execute(self, plan: Plan, sel: Selector,
+                 seek_ts: int | None = None) -> Iterator[tuple[int, float, av.VideoFrame]]:
+        """Send the plan's packets to the decoder and feed its frames to ``sel``; drain at the end."""
+        cc = self._v.codec_context
+        n = len(self._layout) if self._layout is not None else 0
+        if plan.send is None:
+            spans = [(0, plan.last if plan.last >= 0 else math.inf)]
+        else:
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], plan.send.view(np.int8), [0]])))
+            spans = list(zip(edges[::2].tolist(), (edges[1::2] - 1).tolist(), strict=True))
+        seek_to = set(plan.seek_to)
+
+        def drain() -> Iterator[tuple[int, float, av.VideoFrame]]:
+            for frame in cc.decode(None):
+                yield from self._fed(sel, frame)
+
+        packets = self._demux(seek_ts)
+        idx = -1 if seek_ts is None or not n else -(n + 2)  # after a seek: unknown until a keyframe
         try:
-            for packet in c.demux(v):
-                self._check_budget()
-                for frame in packet.decode():
-                    self.stats.frames_decoded += 1
-                    t = self._frame_time(frame)
-                    if t is not None:
-                        yield t, frame
+            for a, b in spans:
+                if a in seek_to and a > idx + 1:
+                    yield from drain()
+                    packets.close()
+                    packets = self._demux(self._seek_ts.get(a, int(round((self._layout.times[a] + self._start)
+                                                                      / self._tb))))
+                    idx = -(n + 2)
+                for packet in packets:
+                    idx = self._index_of(packet, idx)
+                    if idx < a:
+                        continue
+                    for frame in cc.decode(packet):
+                        yield from self._fed(sel, frame)
+                    if sel.done or idx >= b:
+                        break
+                if sel.done:
+                    break
+            if not sel.done:
+                yield from drain()
         except av.error.FFmpegError as exc:
             raise map_av_error(exc, self.uri) from exc
+        finally:
+            packets.close()
+        yield from sel.finish()
 
-    def _select(self, frames: Iterator[tuple[float, av.VideoFrame]], targets: np.ndarray,
-                first: int) -> Iterator[tuple[int, float, av.VideoFrame]]:
-        """Nearest decoded frame for targets[first:], in order; stops when they are all served.
+    def _fed(self, sel: Selector, frame: av.VideoFrame) -> Iterator[tuple[int, float, av.VideoFrame]]:
+        self.stats.frames_decoded += 1
+        t = self._frame_time(frame)
+        if t is not None:
+            yield from sel.feed(t, frame)
 
-        A frame nearer to target j than the previous one is chosen when it arrives at or after the
-        target; at end of stream the last frame serves the remaining targets.
-        """
-        j, prev = first, None
-        for t, frame in frames:
-            while j < len(targets) and t >= targets[j]:
-                if prev is not None and abs(targets[j] - prev[0]) <= abs(t - targets[j]):
-                    yield j, prev[0], prev[1]
-                else:
-                    yield j, t, frame
-                j += 1
-            if j >= len(targets):
-                return
-            prev = (t, frame)
-        if prev is not None:
-            while j < len(targets):
-                yield j, prev[0], prev[1]
-                j += 1
-
-    def _video_samples(self, plan: Plan, targets: np.ndarray) -> Iterator[tuple[float, np.ndarray]]:
+    def _video_samples(self, plan: Plan, targets: np.ndarray, tol: float) -> Iterator[tuple[float, np.ndarray]]:
+        """(time, RGB) per target, in order. A sample outside the tolerance (a stream whose non-reference
+        frames run longer than assumed, or a planned frame the decoder did not output) makes the rest be
+        decoded sequentially, without skipping, from the keyframe before the missed target's bin."""
         cc = self._v.codec_context
-        if plan.strategy == "keyframes":
-            cc.skip_frame = "NONKEY"
-        elif plan.strategy.startswith("sequential"):
-            cc.thread_type = "AUTO"
-            cc.thread_count = 2
-            if plan.strategy == "sequential_nonref":
-                cc.skip_frame = "NONREF"
-        if plan.strategy == "seek" and plan.seeks:
-            seek_at = dict(plan.seeks)
-            bounds = sorted(seek_at) + [len(targets)]
-            groups = [(bounds[i], bounds[i + 1], seek_at[bounds[i]]) for i in range(len(bounds) - 1)]
-            if bounds[0] > 0:
-                groups.insert(0, (0, bounds[0], None))
-        else:
-            groups = [(0, len(targets), None)]
+        cc.thread_count = self.codec_threads
+        cc.thread_type = "AUTO" if self.codec_threads != 1 else "SLICE"
+        cc.skip_frame = plan.skip_frame
+        eps = 1e-6 if (self._layout is not None and self._layout.exact) else 0.0
+        sel = Selector(plan.aims, eps)
+        run = self._execute(plan, sel)
         last_key = None
-        for start, stop, key_t in groups:
-            frames = self._decoded_frames(after_seek_to=key_t)
-            for _j, t, frame in self._select(frames, targets[:stop], start):
+        rgb = None
+        while True:
+            miss = None
+            for j, t, frame in run:
+                if abs(t - targets[j]) > tol + 1e-6 and miss is None and not sel.fallback:
+                    miss = j
+                    break
+                if abs(t - targets[j]) > tol + 1e-6:
+                    log.warning("%s: sample %d at %.3f s is %.3f s from its target", self.uri, j, t,
+                                abs(t - targets[j]))
                 key = (t, id(frame))
                 if key != last_key:
                     rgb = self._to_rgb(frame)
                     last_key = key
                 yield t, rgb
-            frames.close()
+            if miss is None:
+                return
+            run.close()
+            log.info("%s: %s missed target %d (%.3f s); decoding the rest without skipping",
+                     self.uri, plan.strategy, miss, targets[miss])
+            self.stats.fallbacks += 1
+            cc.skip_frame = "DEFAULT"  # the seek below flushes the decoder
+            start_t = targets[miss] - tol
+            seek_ts = int(math.floor((max(start_t, 0.0) + self._start) / self._tb))
+            if self._layout is not None and len(self._key_idx):
+                k = int(np.searchsorted(self._key_t, start_t + 1e-9, side="right")) - 1
+                k_idx = int(self._key_idx[max(k, 0)])
+                seek_ts = self._seek_ts.get(k_idx, seek_ts)
+            sel = Selector(targets, 0.0, first=miss, fallback=True)
+            run = self._execute(Plan("sequential", {}, targets), sel, seek_ts=seek_ts)
 
     def _frame_chunks(self) -> Iterator[FrameChunk]:
         targets = self.policy.target_times(self._duration or (self.policy.max_frames / self.policy.fps))
         tol = self.policy.tolerance_s(self._duration or 0.0)
-        plan = plan_strategy(self._frame_times, self._key_times, targets, tol,
-                             codec=self._v.codec_context.name, stream_fps=self.info.avg_fps)
-        self.stats.strategy, self.stats.costs = plan.strategy, plan.costs
-        if self._duration is None and self._frame_times is None:
-            log.info("%s: unknown duration; sampling at fps up to max_frames", self.uri)
+        t_plan = time.perf_counter()
+        plan = plan_strategy(self._layout, targets, tol, codec=self._v.codec_context.name,
+                             stream_fps=self.info.avg_fps, force=self.force_strategy)
+        self.stats.timings_s["plan_s"] = time.perf_counter() - t_plan
+        self.stats.strategy, self.stats.costs, self.stats.plan = plan.strategy, plan.costs, plan.detail
+        if self._layout is not None:
+            self._key_idx = np.flatnonzero(self._layout.keys)
+            self._key_t = self._layout.times[self._key_idx]
+        else:
+            self._key_idx = self._key_t = np.zeros(0)
+            log.info("%s: no packet layout; sampling sequentially", self.uri)
         times: list[float] = []
         frames: list[np.ndarray] = []
         t_dec = time.perf_counter()
-        for t, rgb in self._video_samples(plan, targets):
+        for t, rgb in self._video_samples(plan, targets, tol):
             times.append(t)
             frames.append(rgb)
             self.stats.frames_sampled += 1
@@ -494,7 +536,3 @@ class VideoSource:
     def __del__(self) -> None:  # pragma: no cover - best effort
         self.close()
 
-
-def nearest(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Re-export of :func:`worker.sampling.nearest_indices` for tests and tools."""
-    return nearest_indices(frame_times, targets)

@@ -71,6 +71,13 @@ class TooLargeError(TagstreamError):
     reason = "too_large"
 
 
+class DecoderCrashError(TagstreamError):
+    """The isolated decoder process died (a native crash in FFmpeg, a signal, the kernel's OOM killer)
+    while decoding this video. Permanent: the same bytes would crash it again."""
+
+    reason = "decoder_crash"
+
+
 # --- transient ------------------------------------------------------------------------------------
 class MediaTimeoutError(TagstreamError):
     """Open/read timeout or the decode-time budget ran out."""
@@ -110,6 +117,7 @@ REASONS: tuple[str, ...] = tuple(
                 UnsupportedMediaError,
                 TooLongError,
                 TooLargeError,
+                DecoderCrashError,
                 MediaTimeoutError,
                 NetworkError,
                 RedisUnavailableError,

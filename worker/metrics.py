@@ -7,6 +7,8 @@ Dashboards and alert rules in ``deploy/`` reference exactly these names.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.errors import REASONS
@@ -53,13 +55,22 @@ class Metrics:
         )
         self.ready = Gauge("tagstream_ready", "1 when models are loaded and Redis is reachable.", registry=r)
         self.redis_up = Gauge("tagstream_redis_up", "1 when the last Redis call succeeded.", registry=r)
+        self.redis_errors = Counter(
+            "tagstream_redis_errors_total",
+            "Redis calls that failed with a connection error or timeout (each retry counts).",
+            registry=r,
+        )
         self.orphans_recovered = Counter(
             "tagstream_orphaned_jobs_total",
             "Jobs whose worker stopped heartbeating, collected by this worker's maintenance.",
             registry=r,
         )
         self.gpu_memory_bytes = Gauge(
-            "tagstream_gpu_memory_bytes", "GPU memory of this worker's device.", ["kind"], registry=r
+            "tagstream_gpu_memory_bytes",
+            "GPU memory of this worker's CUDA device: reserved/allocated by this process, used (all "
+            "processes) and total. No series on CPU.",
+            ["kind"],
+            registry=r,
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
@@ -69,3 +80,26 @@ class Metrics:
             self.errors.labels(reason)
         for extractor in EXTRACTORS:
             self.batch_size.labels(extractor)
+
+    def track_gpu_memory(self, device: Any) -> bool:
+        """Export ``tagstream_gpu_memory_bytes`` for ``device`` when it is a CUDA device, read at each
+        scrape: ``reserved`` and ``allocated`` (torch's caching allocator in this process), ``used``
+        (the whole device, all processes: total minus free) and ``total``. Any other device exports no
+        series (returns False). Imports torch only when called."""
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gauge = self.gpu_memory_bytes
+
+        def used() -> float:
+            free, total = torch.cuda.mem_get_info(index)
+            return float(total - free)
+
+        gauge.labels("reserved").set_function(lambda: float(torch.cuda.memory_reserved(index)))
+        gauge.labels("allocated").set_function(lambda: float(torch.cuda.memory_allocated(index)))
+        gauge.labels("used").set_function(used)
+        gauge.labels("total").set(float(torch.cuda.get_device_properties(index).total_memory))
+        return True

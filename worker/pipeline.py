@@ -17,6 +17,12 @@ Threads (DESIGN.md section 2):
   back per video, and runs the fusion ``Tagger`` over up to ``fusion_batch_size`` videos whose decode
   has finished and whose features are all in. Then it resolves the video's future.
 
+Decoder isolation (``decode_isolation``, default on): each decode thread decodes through a
+supervised child process of a :class:`~worker.decode_pool.DecodePool` (one child per thread), so a
+native crash or hang in FFmpeg fails that one video (``decoder_crash`` / ``timeout``) and the child is
+replaced; off, ``VideoSource`` runs in the decode thread itself. Either way each decode thread installs
+the worker's :class:`~worker.media_open.OpenPolicy` (redirect targets pass the URI policy).
+
 Isolation: a decode error fails that video only. If an extractor or the fusion model raises on a
 batch, the batch is re-run per video, so only the video(s) that still fail are failed.
 
@@ -121,6 +127,12 @@ class Pipeline:
 
         self._policy = SamplingPolicy(fps=self.settings.fps, max_frames=self.settings.max_frames)
         self._limits = DecodeLimits.from_settings(self.settings)
+        self._decode_pool = None
+        if self.settings.decode_isolation:
+            from worker.decode_pool import DecodePool
+
+            software = self._hwaccel() == "none"
+            self._decode_pool = DecodePool.from_settings(self.settings, self._threads_n, software=software)
         for i in range(self._threads_n):
             t = threading.Thread(target=self._decode_loop, name=f"tagstream-decode-{i}", daemon=True)
             t.start()
@@ -142,6 +154,8 @@ class Pipeline:
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             log.warning("pipeline threads still running after stop: %s", alive)
+        if getattr(self, "_decode_pool", None) is not None:
+            self._decode_pool.close()
 
     def __enter__(self) -> Pipeline:
         self.start()
@@ -217,15 +231,27 @@ class Pipeline:
             log.info("video %s failed: %s (%s)", acc.request.video_id, exc.reason, exc)
 
     # --- decode threads -----------------------------------------------------------------------------
+    def _hwaccel(self) -> str:
+        """The hwaccel to decode with: "auto" is NVDEC only on a GPU worker (software fallback on failure)."""
+        hwaccel = self.settings.hwaccel
+        return "none" if hwaccel == "auto" and self.device.type != "cuda" else hwaccel
+
+    def _source(self, uri: str, **kwargs: Any) -> Any:
+        """A VideoSource, in a pool child when decode isolation is on."""
+        if self._decode_pool is not None:
+            return self._decode_pool.source(uri, self._policy, self._limits, **kwargs)
+        from worker.decode import VideoSource
+
+        return VideoSource(uri, self._policy, self._limits, **kwargs)
+
     def _decode_loop(self) -> None:
         from model.audio_frontend import PatchStream
         from worker.decode import FrameChunk
+        from worker.media_open import OpenPolicy, set_thread_policy
 
         image = self.models.extractors.image
-        # "auto": NVDEC when the worker runs on a GPU (the decoder falls back to software when it fails).
-        hwaccel = self.settings.hwaccel
-        if hwaccel == "auto" and self.device.type != "cuda":
-            hwaccel = "none"
+        hwaccel = self._hwaccel()
+        set_thread_policy(OpenPolicy.from_settings(self.settings))
         while not self._stopping.is_set():
             try:
                 acc = self._requests.get(timeout=_POLL_S)
@@ -245,10 +271,8 @@ class Pipeline:
             self._emit(("start", acc))
             t0, blocked = time.perf_counter(), 0.0
             try:
-                from worker.decode import VideoSource
-
-                with torch.inference_mode(), VideoSource(
-                    req.uri, self._policy, self._limits, crop_size=int(image.input_size),
+                with torch.inference_mode(), self._source(
+                    req.uri, crop_size=int(image.input_size),
                     resize_short=int(image.resize_short), hwaccel=hwaccel,
                 ) as source:
                     patcher = PatchStream()

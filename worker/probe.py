@@ -1,7 +1,8 @@
 """``tagstream probe FILE_OR_URL``: decode with the production decoder and print what it did as JSON.
 
 Output keys: ``uri``, ``info`` (container, codecs, duration, size, rotation, ...), ``strategy``,
-``costs`` (estimated decoded frames per strategy), ``frames_decoded``, ``frames_sampled``,
+``costs`` (estimated decoded frames per strategy), ``plan`` (packets, keyframes, seeks and packets
+sent to the decoder by the chosen plan, fallbacks), ``frames_decoded``, ``frames_sampled``,
 ``sampled_timestamps``, ``target_timestamps``, ``audio_seconds``, ``timings_s`` (open, index, video,
 audio, total). On failure it prints ``{"error": reason, "message": ...}`` and exits 1. The URI policy is
 not applied (this is a local tool run on the user's own input).
@@ -55,6 +56,7 @@ def probe(uri: str, settings, *, decode_audio: bool = True, crop_size: int = 224
         "strategy": stats.strategy,
         "hwaccel": stats.hwaccel,
         "costs": stats.costs,
+        "plan": {**stats.plan, "fallbacks": stats.fallbacks},
         "frames_decoded": stats.frames_decoded,
         "frames_sampled": stats.frames_sampled,
         "sampled_timestamps": [round(t, 4) for t in timestamps],

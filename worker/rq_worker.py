@@ -125,6 +125,8 @@ class TagWorker(BaseWorker):
         self.redis_ok = up
         if self.metrics is not None:
             self.metrics.redis_up.set(1 if up else 0)
+            if not up:
+                self.metrics.redis_errors.inc()
 
     def _retry(self, call: Any, what: str) -> Any:
         return retry_redis(
@@ -148,7 +150,29 @@ class TagWorker(BaseWorker):
         """Always ``heartbeat_ttl_s``: rq's version goes negative once a job outlives its timeout."""
         return max(1, int(self.settings.heartbeat_ttl_s))
 
+    def prepare_execution(self, job: Job) -> Execution:
+        """Register the execution *and* start the job in one MULTI (rq does it in two steps, the second
+        in the job's thread): a worker killed in between would leave the job in the intermediate list
+        with status ``queued``, which rq's maintenance only retries after a hard-coded 60 s. Done here,
+        a killed worker's job is either still only in the intermediate list (a window of one round
+        trip after BLMOVE) or fully started, and then recovered after ``heartbeat_ttl_s``."""
+        with self.connection.pipeline() as pipe:
+            ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.heartbeat(ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)
+            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        self.executions[execution.id] = execution
+        job._tagstream_prepared = True  # type: ignore[attr-defined]
+        return execution
+
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        if getattr(job, "_tagstream_prepared", False):  # done atomically by prepare_execution
+            return
         self._retry(lambda: super(TagWorker, self).prepare_job_execution(job, remove_from_intermediate_queue),
                     f"starting job {job.id}")
 
@@ -200,14 +224,16 @@ class TagWorker(BaseWorker):
         return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def _write_failed(self, job: Job, error: BaseException) -> None:
-        """Failed document for a job whose video id is known and matches its job id."""
+        """Failed document for a job whose video id is known and matches its job id, with the stage
+        timings the pipeline gathered before the failure (``error.timings_s``) when there are any."""
         try:
             args = parse_payload(job.data)
         except InvalidJobError:
             return
         if job.id != job_id_for(args.video_id):
             return
-        self.sink.write(failed_document(args.video_id, error, model_version=self.model_version))
+        self.sink.write(failed_document(args.video_id, error, model_version=self.model_version,
+                                        timings=getattr(error, "timings_s", None)))
 
     def hand_back(self, job: Job, queue: Queue, execution: Execution) -> None:
         """Return an unfinished job to the front of its queue without spending a retry."""

@@ -2,11 +2,31 @@
 
 Start-up order: metrics/health server (``/healthz`` answers at once, ``/readyz`` 503), models,
 pipeline, then the rq worker (:class:`worker.rq_worker.TagWorker`) and the uploads bridge thread.
-``/readyz`` turns 200 once models are loaded and Redis answers.
+``/readyz`` turns 200 once models are loaded and Redis answers. On CUDA the worker exports
+``tagstream_gpu_memory_bytes`` (see :meth:`worker.metrics.Metrics.track_gpu_memory`). SIGTERM/SIGINT
+before the rq worker runs (while models load) exit at once with status 0: nothing is in flight yet.
 
-``--gpus all`` (or ``--gpus N``) makes this process a supervisor: it starts one worker process per
-visible GPU (``CUDA_VISIBLE_DEVICES=i``, metrics port ``metrics_port + i``), forwards SIGTERM/SIGINT
-to them and exits with the worst exit status. Without GPUs ``all`` means one CPU worker.
+``--gpus`` makes this process a supervisor (:class:`Supervisor`) that runs one worker process per GPU:
+
+* ``--gpus all``: every visible GPU (the entries of ``CUDA_VISIBLE_DEVICES`` when set, else
+  ``0..torch.cuda.device_count()-1``); without GPUs, one worker (on CPU).
+* ``--gpus N``: the first N visible GPUs (an error when fewer are visible).
+* ``--gpus 0,2`` (ids or GPU UUIDs): exactly these, passed through unchecked as
+  ``CUDA_VISIBLE_DEVICES`` would take them. With ``--device cpu`` the children run on CPU, which is
+  how the supervisor is tested on machines without GPUs.
+
+Child ``i`` gets ``CUDA_VISIBLE_DEVICES=<device i>``, metrics port ``metrics_port + i`` (0 stays 0)
+and, when ``--name`` is given, the rq worker name ``<name>-<i>`` (``<name>-<i>.<restarts>`` after a
+restart: rq refuses a name whose previous holder has not expired yet). Every other flag and the
+environment are passed through. Children run in their own session, so a terminal's Ctrl-C reaches
+only the supervisor, which forwards each SIGTERM/SIGINT it gets to every child (the first starts the
+children's graceful shutdown, a second hands their jobs back at once); on Linux a child also gets
+SIGTERM if the supervisor dies. A child that exits while the supervisor is not stopping is restarted
+(a ``max_jobs`` recycle, a crash, the OOM killer), after a back-off of 1 s doubling up to 30 s while
+it keeps dying within :data:`QUICK_EXIT_S` of its start; after :data:`MAX_QUICK_EXITS` such quick
+deaths in a row the supervisor stops the others and exits with the child's status (a configuration
+error should not loop forever). In ``--burst`` mode a child that exits 0 is done. The supervisor
+exits with the worst status of its children's last runs (0 when all stopped cleanly).
 """
 
 from __future__ import annotations
@@ -18,6 +38,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -26,65 +48,210 @@ from worker.config import Settings, add_settings_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
+QUICK_EXIT_S = 60.0
+MAX_QUICK_EXITS = 5
+MAX_BACKOFF_S = 30.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", default=None, help="'all' or a count: supervise one worker process per GPU.")
+    parser.add_argument(
+        "--gpus", default=None,
+        help="'all', a count N, or device ids like 0,2: supervise one worker process per GPU.",
+    )  # fmt: skip
     parser.add_argument("--name", default=None, help="rq worker name (default: random).")
     parser.add_argument("--no-bridge", action="store_true", help="Do not bridge tagstream:uploads.")
     add_settings_arguments(parser)
 
 
-def visible_gpu_count() -> int:
+# --- supervisor ------------------------------------------------------------------------------------
+def visible_devices() -> list[str]:
+    """Device ids visible to this process: ``CUDA_VISIBLE_DEVICES`` entries when it is set (as
+    written, so UUIDs stay UUIDs), else ``0..n-1`` for torch's device count (imports torch)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
     try:
         import torch
 
-        return int(torch.cuda.device_count())
-    except Exception:
-        return 0
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no CUDA runtime means no GPUs
+        return []
 
 
-def supervise(argv: list[str], count: int, settings: Settings) -> int:
-    """Run ``count`` worker processes (``argv`` without ``--gpus``) and wait for all of them."""
-    children: list[subprocess.Popen] = []
-    for i in range(count):
-        env = dict(os.environ)
-        if visible_gpu_count() > 0:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        if settings.metrics_port:
-            env["TAGSTREAM_METRICS_PORT"] = str(settings.metrics_port + i)
-        cmd = [sys.executable, "-m", "worker.cli", "worker", *argv]
-        if settings.metrics_port:
-            cmd += ["--metrics-port", str(settings.metrics_port + i)]
-        children.append(subprocess.Popen(cmd, env=env))
-        log.info("started worker %d (pid %d)", i, children[-1].pid)
-
-    def forward(signum: int, frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max((abs(c) for c in codes), default=0)
+def devices_for(spec: str) -> list[str | None]:
+    """The device of each child for a ``--gpus`` value (see module docstring); ``[None]`` is one
+    worker without a device assignment."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(visible_devices()) or [None]
+    if spec.isdigit():
+        count, visible = int(spec), visible_devices()
+        if count < 1:
+            raise SystemExit("--gpus N needs N >= 1")
+        if count > len(visible):
+            raise SystemExit(f"--gpus {count}: only {len(visible)} GPU(s) visible")
+        return list(visible[:count])
+    ids = [d.strip() for d in spec.split(",") if d.strip()]
+    if not ids:
+        raise SystemExit(f"--gpus {spec!r}: expected 'all', a count or device ids")
+    return list(ids)
 
 
-def _strip_gpus(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
+def child_flags(args: argparse.Namespace) -> list[str]:
+    """The worker flags given on the supervisor's command line, for its children, without ``--gpus``,
+    ``--name`` and ``--metrics-port`` (set per child). ``TAGSTREAM_*`` variables reach the children
+    through the environment."""
+    out: list[str] = []
+    for key, value in vars(args).items():
+        name = key.removeprefix("setting_")
+        if not key.startswith("setting_") or value is None or name == "metrics_port":
             continue
-        if arg == "--gpus":
-            skip = i + 1 < len(argv)
-            continue
-        if arg.startswith("--gpus="):
-            continue
-        if arg == "--metrics-port" or arg.startswith("--metrics-port="):
-            skip = arg == "--metrics-port"
-            continue
-        out.append(arg)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    if getattr(args, "no_bridge", False):
+        out.append("--no-bridge")
     return out
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: own session (terminal signals go to the supervisor only) and, on
+    Linux, SIGTERM when the supervisor dies."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+@dataclass
+class Child:
+    index: int
+    device: str | None
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_exits: int = 0
+    restart_at: float | None = None
+    done: bool = False
+    codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs and restarts one ``tagstream worker`` process per device (see module docstring)."""
+
+    def __init__(self, flags: list[str], devices: list[str | None], settings: Settings, name: str | None = None) -> None:
+        self.flags = list(flags)
+        self.settings = settings
+        self.name = name
+        self.children = [Child(i, d) for i, d in enumerate(devices)]
+        self.stopping = threading.Event()
+        self.signals: list[int] = []
+
+    def command(self, child: Child) -> tuple[list[str], dict[str, str]]:
+        cmd = [sys.executable, "-m", "worker.cli", "worker", *self.flags]
+        port = self.settings.metrics_port + child.index if self.settings.metrics_port else 0
+        cmd += ["--metrics-port", str(port)]
+        if self.name:
+            suffix = f".{child.restarts}" if child.restarts else ""
+            cmd += ["--name", f"{self.name}-{child.index}{suffix}"]
+        env = dict(os.environ)
+        if child.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = child.device
+        return cmd, env
+
+    def start(self, child: Child) -> None:
+        cmd, env = self.command(child)
+        child.process = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("worker %d started (pid %d, device %s)", child.index, child.process.pid, child.device or "-")
+
+    def forward(self, signum: int, frame: Any = None) -> None:
+        """Signal handler: remember the stop and pass the signal to every running child."""
+        self.stopping.set()
+        self.signals.append(signum)
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                try:
+                    child.process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def _on_exit(self, child: Child, code: int) -> None:
+        child.codes.append(code)
+        uptime = time.monotonic() - child.started_at
+        if self.stopping.is_set() or (self.settings.burst and code == 0):
+            child.done = True
+            return
+        child.quick_exits = child.quick_exits + 1 if uptime < QUICK_EXIT_S else 0
+        if child.quick_exits >= MAX_QUICK_EXITS:
+            log.error("worker %d died %d times within %.0f s of starting (last status %s): giving up",
+                      child.index, child.quick_exits, QUICK_EXIT_S, code)  # fmt: skip
+            child.done = True
+            self.forward(signal.SIGTERM)
+            return
+        delay = min(MAX_BACKOFF_S, 2.0 ** max(0, child.quick_exits - 1)) if child.quick_exits else 1.0
+        log.warning("worker %d (pid %d) exited with status %s after %.0f s; restarting in %.0f s",
+                    child.index, child.process.pid if child.process else -1, code, uptime, delay)  # fmt: skip
+        child.restarts += 1
+        child.restart_at = time.monotonic() + delay
+
+    def run(self) -> int:
+        """Start every child, keep them running until stopped; returns the worst final status."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.forward)
+            signal.signal(signal.SIGINT, self.forward)
+        for child in self.children:
+            self.start(child)
+        while not all(child.done for child in self.children):
+            now = time.monotonic()
+            for child in self.children:
+                if child.done:
+                    continue
+                if child.restart_at is not None:
+                    if self.stopping.is_set():
+                        child.done = True
+                    elif now >= child.restart_at:
+                        self.start(child)
+                    continue
+                code = child.process.poll() if child.process is not None else None
+                if code is not None:
+                    self._on_exit(child, code)
+            self.stopping.wait(0.2)
+        return self.exit_status()
+
+    def exit_status(self) -> int:
+        """0 when every child's last run ended cleanly (0, or killed by a signal we forwarded)."""
+        worst = 0
+        for child in self.children:
+            if not child.codes:
+                continue
+            code = child.codes[-1]
+            if code < 0 and -code in self.signals:
+                code = 0
+            worst = max(worst, abs(code))
+        return worst
+
+
+# --- one worker ------------------------------------------------------------------------------------
+class StopBeforeStart(BaseException):
+    """SIGTERM/SIGINT arrived before the rq worker took over signal handling. A ``BaseException``
+    (like ``KeyboardInterrupt``) so the ``except Exception`` blocks of libraries being imported while
+    models load do not swallow it."""
+
+
+_early_stop = threading.Event()
+
+
+def _stop_early(signum: int, frame: Any) -> None:
+    _early_stop.set()  # in case a bare ``except`` swallows the exception below
+    raise StopBeforeStart(signal.Signals(signum).name)
 
 
 def run_worker(
@@ -102,12 +269,16 @@ def run_worker(
         worker = state["worker"]
         return bool(state["models"] and worker is not None and worker.redis_ok)
 
-    health = None
-    if settings.metrics_port:
-        from worker.health import HealthServer
-
-        health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # the rq worker installs its own handlers when it starts
+        signal.signal(signal.SIGTERM, _stop_early)
+        signal.signal(signal.SIGINT, _stop_early)
+    health = pipeline = None
     try:
+        if settings.metrics_port:
+            from worker.health import HealthServer
+
+            health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
         if models is None:
             from worker.models import load_models
 
@@ -119,6 +290,8 @@ def run_worker(
             str(info.get("model_version", "")), str(info.get("image_extractor", "")),
             str(info.get("audio_extractor", "")), str(info.get("text_extractor", "")), str(info.get("device", "")),
         ).set(1)  # fmt: skip
+        if metrics.track_gpu_memory(getattr(models, "device", "cpu")):
+            log.info("exporting GPU memory of %s", models.device)
         pipeline = Pipeline(settings, models, metrics)
         pipeline.start()
         state["models"] = True
@@ -134,15 +307,21 @@ def run_worker(
             uploads = UploadsBridge(connection, settings, consumer=worker.name)
             bridge_thread = threading.Thread(target=uploads.run, args=(stop_bridge,), name="uploads-bridge", daemon=True)
             bridge_thread.start()
+        if _early_stop.is_set():
+            raise StopBeforeStart("stop requested")
         try:
             worker.work()
         finally:
             stop_bridge.set()
             if bridge_thread is not None:
                 bridge_thread.join(timeout=5)
-            pipeline.stop(timeout=10)
+        return 0
+    except StopBeforeStart as stop:
+        log.info("%s during start-up: exiting (nothing was in flight)", stop)
         return 0
     finally:
+        if pipeline is not None:
+            pipeline.stop(timeout=10)
         if health is not None:
             health.stop()
 
@@ -150,6 +329,5 @@ def run_worker(
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.gpus:
-        count = visible_gpu_count() if args.gpus == "all" else int(args.gpus)
-        return supervise(_strip_gpus(sys.argv[2:]), max(1, count), settings)
+        return Supervisor(child_flags(args), devices_for(args.gpus), settings, name=args.name).run()
     return run_worker(settings, name=args.name, bridge=not args.no_bridge)

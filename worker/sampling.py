@@ -1,39 +1,51 @@
-"""Sampling policy, target timestamps and the per-video decode strategy (a cost model on the keyframe index).
+"""Sampling policy, target timestamps and the per-video decode plan (a cost model on the packet layout).
 
 Targets: the video is cut into ``n = ceil(duration * fps)`` bins of ``1/fps`` seconds (the last one
 clipped at the end); when ``n > max_frames`` it is cut into ``max_frames`` equal bins over the whole
-duration instead. The target of a bin is its centre. The sample for a target is the decoded frame
-whose presentation time is nearest to it; the contract is ``|sampled - target| <= interval / 2``
+duration instead. The target of a bin is its centre. The contract is ``|sampled - target| <= interval / 2``
 (``interval`` = the bin width), i.e. each sample lies in its own bin.
 
-Strategies (names appear in ``DecodeStats.strategy``):
+The plan is made from the video's :class:`Layout`: every packet in decode order with its presentation
+time and keyframe flag (from a packet-only demux pass, or the container index for URLs). Strategies
+(names appear in ``DecodeStats.strategy`` and ``tagstream probe``):
 
-- ``"keyframes"``: decode only keyframes (``skip_frame=NONKEY``), when every target has a keyframe
-  within ``interval / 2``; the sample is the nearest keyframe.
-- ``"seek"``: per target, seek to the keyframe before the target's nearest frame ONLY when that keyframe
-  lies after the current decode position, then decode forward to the nearest frame (exact).
-- ``"sequential"``: decode every frame up to the last target with frame threading (exact).
-- ``"sequential_nonref"``: like sequential but with ``skip_frame=NONREF`` (B-frames that nothing
-  references are not decoded). Chosen only when half a sample interval spans at least
-  :data:`NONREF_MIN_FRAMES` frame durations, so the nearest reference frame is always within
-  tolerance (encoders put at most 16 consecutive non-reference frames between references).
+- ``"keyframes"``: every target has its own keyframe within ``interval / 2``; only those keyframe
+  packets are sent to the decoder (every other packet is demuxed and dropped, or seeked over).
+- ``"seek"``: per target, the nearest frame, or a keyframe within ``interval / 2`` where that is
+  cheaper; only the packets those frames need (from their keyframe on, in decode order) are decoded.
+  Between the decoded runs the demuxer seeks when the gap is longer than :data:`SEEK_GAP_PACKETS`
+  packets, and otherwise reads and drops the packets (cheaper than a seek, which also drains and flushes
+  the decoder). Leading pictures (after a keyframe in decode order, before it in display order) are
+  dropped after a gap: they may reference the skipped packets.
+- ``"sequential"``: every packet up to the last target's nearest frame; the sample is the nearest frame.
+- ``"sequential_nonref"``: like sequential with ``skip_frame=NONREF`` (frames nothing references are not
+  decoded). Chosen only for codecs whose FFmpeg decoder honours it and only when half a sample interval
+  spans at least :data:`NONREF_MIN_FRAMES` frame durations: encoders put at most 16 consecutive
+  non-reference frames between references (x264/x265 ``bframes`` <= 16), so the nearest reference frame
+  is then at most 8.5 frames from any target. The decoder checks every sample anyway and, if a stream
+  breaks that assumption, re-decodes from the keyframe before the missed target without skipping.
 
-The cost of each is estimated in decoded frames from the index (all frame timestamps and keyframe
-flags, from ``stream.index_entries`` or a packet-only demux pass), a seek counting as
-:data:`SEEK_COST_FRAMES` frames; the cheapest feasible one wins. Without an index (a URL whose
-container has none) the choice is ``sequential`` / ``sequential_nonref``.
+Costs are estimated decoded frames (a seek counts :data:`SEEK_COST_FRAMES`, a dropped packet
+:data:`SKIP_COST_FRAMES`, a NONREF-decoded frame :data:`NONREF_FRAME_SHARE`); the cheapest wins, ties
+going to the simpler strategy. Without a layout the plan is ``sequential`` / ``sequential_nonref``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
-SEEK_COST_FRAMES = 4.0
-NONREF_MIN_FRAMES = 17
-NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vc1", "wmv3"})
+SEEK_COST_FRAMES = 2.0
+SKIP_COST_FRAMES = 0.02
+SEEK_GAP_PACKETS = 100  # seek instead of reading through gaps longer than this (SEEK / SKIP cost)
+NONREF_MIN_FRAMES = 8.5  # (16 non-reference frames in a row + 1) / 2
+NONREF_FRAME_SHARE = 0.75  # typical share of frames that are references (B-frame content)
+#: decoders that honour skip_frame=NONREF (FFmpeg's vp9 decoder ignores it; libdav1d maps it to dav1d's
+#: reference-only decoding)
+NONREF_CODECS = frozenset({"h264", "hevc", "mpeg2video", "mpeg1video", "vc1", "wmv3", "av1", "libdav1d"})
 
 
 @dataclass(frozen=True)
@@ -68,11 +80,48 @@ class SamplingPolicy:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Video packets in decode order: presentation time (seconds from the stream start) and keyframe flag.
+
+    ``exact`` is True when the times are the packets' own presentation times (a demux pass); False when
+    they come from a container index (decode times shifted to start at 0, which equal the presentation
+    times for constant frame rate, closed-GOP video and are close otherwise).
+    """
+
+    times: np.ndarray
+    keys: np.ndarray
+    exact: bool = True
+
+    @classmethod
+    def from_times(cls, frame_times: np.ndarray, key_times: np.ndarray, exact: bool = True) -> Layout:
+        """A layout without reordering (decode order = display order); keyframes matched by time."""
+        t = np.sort(np.asarray(frame_times, np.float64))
+        keys = np.isin(np.round(t, 6), np.round(np.asarray(key_times, np.float64), 6))
+        return cls(t, keys, exact)
+
+    @property
+    def key_times(self) -> np.ndarray:
+        return self.times[self.keys]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+@dataclass(frozen=True)
 class Plan:
+    """What to decode. ``send`` (bool per packet, decode order) is None for "everything up to ``last``"
+    (or to the end when ``last`` < 0); ``aims`` are the presentation times to pick per target (the
+    planned frames; the targets themselves for sequential plans); ``seek_to`` are the packet indices
+    (keyframes) reached by seeking; ``skip_frame`` is the decoder's discard level."""
+
     strategy: str
     costs: dict[str, float]
-    #: for "seek": indices into the targets where a seek happens, and the keyframe time to seek to
-    seeks: tuple[tuple[int, float], ...] = ()
+    aims: np.ndarray
+    send: np.ndarray | None = None
+    last: int = -1
+    seek_to: tuple[int, ...] = ()
+    skip_frame: str = "DEFAULT"
+    detail: dict[str, float] = field(default_factory=dict)
 
 
 def nearest_indices(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -86,48 +135,149 @@ def nearest_indices(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return idx
 
 
+class Selector:
+    """Serves targets ``first..`` in order from frames in presentation order: each gets the frame nearest
+    to its aim (the planned frame's time, or the target itself), decided when a frame at or after the
+    aim arrives, at once when one is within ``eps`` of it; at the end the last frame serves the rest."""
+
+    def __init__(self, aims: np.ndarray, eps: float, first: int = 0, fallback: bool = False) -> None:
+        self.aims, self.eps, self.j, self.fallback = aims, eps, first, fallback
+        self.prev: tuple[float, object] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.j >= len(self.aims)
+
+    def feed(self, t: float, frame: object) -> Iterator[tuple[int, float, object]]:
+        aims = self.aims
+        while self.j < len(aims) and t >= aims[self.j] - self.eps:
+            a = aims[self.j]
+            if self.prev is not None and abs(t - a) > self.eps and abs(a - self.prev[0]) <= abs(t - a):
+                yield self.j, self.prev[0], self.prev[1]
+            else:
+                yield self.j, t, frame
+            self.j += 1
+        self.prev = (t, frame)
+
+    def finish(self) -> Iterator[tuple[int, float, object]]:
+        while self.prev is not None and self.j < len(self.aims):
+            yield self.j, self.prev[0], self.prev[1]
+            self.j += 1
+
+
+def nonref_allowed(codec: str, stream_fps: float, tolerance_s: float) -> bool:
+    """Whether ``skip_frame=NONREF`` keeps a reference frame within ``tolerance_s`` of every target."""
+    return bool(codec in NONREF_CODECS and stream_fps > 0 and tolerance_s * stream_fps >= NONREF_MIN_FRAMES)
+
+
+def _gaps(send: np.ndarray) -> tuple[list[int], float]:
+    """Span starts reached by seeking, and the cost of the dropped packets read through."""
+    idx = np.flatnonzero(send)
+    if len(idx) == 0:
+        return [], 0.0
+    seeks, skipped = [], 0
+    prev = -1
+    for i in idx:
+        gap = int(i - prev - 1)
+        if gap > SEEK_GAP_PACKETS:
+            seeks.append(int(i))
+        else:
+            skipped += gap
+        prev = int(i)
+    return seeks, skipped * SKIP_COST_FRAMES
+
+
+class _Gops:
+    """Decode-order helpers on a layout: each packet's keyframe, leading pictures, display order."""
+
+    def __init__(self, layout: Layout) -> None:
+        t, k = layout.times, layout.keys.copy()
+        k[0] = True  # a stream that starts without a keyframe is decoded from its first packet
+        self.times, self.n = t, len(t)
+        self.key_idx = np.flatnonzero(k)
+        self.is_key = k
+        self.gop = np.cumsum(k) - 1
+        self.start = self.key_idx[self.gop]
+        self.leading = t < t[self.start]
+        self.order = np.argsort(t, kind="stable")  # display position -> packet index
+        self.display_t = t[self.order]
+
+    def needed(self, i: int) -> np.ndarray:
+        """Packets to decode for packet ``i`` when nothing else is decoded: its GOP from the keyframe,
+        without leading pictures (unless ``i`` is one: then the previous GOP too)."""
+        s = int(self.start[i])
+        if self.leading[i]:
+            s = int(self.start[s - 1]) if s > 0 else 0
+            return np.arange(s, i + 1)
+        r = np.arange(s, i + 1)
+        return r[~self.leading[r] | (r == i)]
+
+
+def _plan_seek(g: _Gops, targets: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Greedy per target: the nearest frame, or a keyframe within ``tol`` when that decodes fewer
+    packets; chosen frames strictly increase in time. Returns (send mask, aims, keyframes only)."""
+    send = np.zeros(g.n, bool)
+    aims = np.empty(len(targets))
+    near = nearest_indices(g.display_t, targets)
+    key_t = g.times[g.key_idx]
+    last_t = -math.inf
+    only_keys = True
+    for j, target in enumerate(targets):
+        f = int(near[j])
+        while g.display_t[f] <= last_t and f + 1 < g.n:
+            f += 1
+        i = int(g.order[f])
+        need = g.needed(i)
+        options = [(int(np.count_nonzero(~send[need])), 1, i, need)]
+        kk = int(nearest_indices(key_t, np.array([target]))[0]) if len(key_t) else -1
+        while kk >= 0 and kk + 1 < len(key_t) and key_t[kk] <= last_t:
+            kk += 1
+        if kk >= 0 and key_t[kk] > last_t and abs(key_t[kk] - target) <= tol + 1e-9:
+            ki = int(g.key_idx[kk])
+            options.append((0 if send[ki] else 1, 0, ki, np.array([ki])))
+        _, _, chosen, need = min(options, key=lambda o: (o[0], -o[1]))
+        send[need] = True
+        aims[j] = g.times[chosen]
+        last_t = aims[j]
+        only_keys &= bool(g.is_key[chosen])
+    only_keys &= bool(np.all(g.is_key[send]))
+    return send, aims, only_keys
+
+
 def plan_strategy(
-    frame_times: np.ndarray | None,
-    key_times: np.ndarray | None,
+    layout: Layout | None,
     targets: np.ndarray,
     tolerance_s: float,
     *,
     codec: str = "",
     stream_fps: float = 0.0,
+    force: str | None = None,
 ) -> Plan:
-    """Pick the cheapest strategy that meets the tolerance (see the module docstring)."""
-    nonref = bool(codec in NONREF_CODECS and stream_fps > 0 and tolerance_s * stream_fps >= NONREF_MIN_FRAMES)
+    """Pick the cheapest plan that meets the tolerance (see the module docstring). ``force`` names a
+    strategy to use whatever the costs (benchmarks and tests): "sequential", "sequential_nonref" (NONREF
+    even where the rule above does not allow it) or "seek" (the per-target plan, "keyframes" if that
+    is what it is)."""
+    if force not in (None, "sequential", "sequential_nonref", "seek", "keyframes"):
+        raise ValueError(f"unknown strategy {force!r}")
+    targets = np.asarray(targets, np.float64)
+    nonref = force == "sequential_nonref" or (force is None and nonref_allowed(codec, stream_fps, tolerance_s))
     seq_name = "sequential_nonref" if nonref else "sequential"
-    if frame_times is None or key_times is None or len(frame_times) == 0 or len(key_times) == 0:
-        return Plan(seq_name, {seq_name: float("nan")})
-    frame_times = np.sort(np.asarray(frame_times, np.float64))
-    key_times = np.sort(np.asarray(key_times, np.float64))
-    nearest = nearest_indices(frame_times, targets)
-    costs: dict[str, float] = {}
-    costs[seq_name] = float(nearest.max() + 1) * (0.6 if nonref else 1.0)
-
-    # keyframes only: every target needs a keyframe within tolerance
-    k_near = key_times[nearest_indices(key_times, targets)]
-    if np.all(np.abs(k_near - targets) <= tolerance_s + 1e-9):
-        costs["keyframes"] = float(np.count_nonzero(key_times <= targets.max() + tolerance_s))
-
-    # seek only when a keyframe lies between the current position and the target's frame
-    key_frame_idx = np.searchsorted(frame_times, key_times - 1e-9)  # frame index of each keyframe
-    pos = -1
-    cost = 0.0
-    seeks: list[tuple[int, float]] = []
-    for j, f in enumerate(nearest):
-        f = int(f)
-        if f <= pos:
-            continue
-        k = int(np.searchsorted(key_frame_idx, f, side="right")) - 1  # last keyframe at or before f
-        k_idx = int(key_frame_idx[k]) if k >= 0 else 0
-        if k_idx > pos + 1:
-            cost += SEEK_COST_FRAMES + (f - k_idx + 1)
-            seeks.append((j, float(key_times[max(k, 0)])))
-        else:
-            cost += f - pos
-        pos = f
-    costs["seek"] = cost
-    best = min(costs, key=lambda name: (costs[name], name != seq_name))
-    return Plan(best, costs, tuple(seeks) if best == "seek" else ())
+    skip = "NONREF" if nonref else "DEFAULT"
+    if layout is None or len(layout) == 0:
+        return Plan(seq_name, {seq_name: float("nan")}, targets, skip_frame=skip)
+    g = _Gops(layout)
+    near = nearest_indices(g.display_t, targets)
+    # sequential: every packet up to the last one shown at or before the last target's nearest frame
+    seq_last = int(g.order[: int(near.max()) + 1].max())
+    costs = {seq_name: round((seq_last + 1) * (NONREF_FRAME_SHARE if nonref else 1.0), 2)}
+    send, aims, only_keys = _plan_seek(g, targets, tolerance_s)
+    seeks, skip_cost = _gaps(send)
+    name = "keyframes" if only_keys else "seek"
+    costs[name] = round(float(send.sum()) + skip_cost + SEEK_COST_FRAMES * len(seeks), 2)
+    detail = {"packets": float(g.n), "keyframes": float(len(g.key_idx)), "seeks": float(len(seeks)),
+              "packets_sent": float(send.sum())}
+    if (force in ("seek", "keyframes")) or (force is None and costs[name] < costs[seq_name]):
+        last = int(np.flatnonzero(send).max())
+        return Plan(name, costs, aims, send, last, tuple(seeks), "DEFAULT", detail)
+    detail.update(seeks=0.0, packets_sent=float(seq_last + 1))
+    return Plan(seq_name, costs, targets, None, seq_last, (), skip, detail)

@@ -106,7 +106,7 @@ class ResultSink:
     def write(self, document: dict[str, Any]) -> None:
         """Write ``document``, retrying while Redis is unreachable."""
         up = (lambda: self.metrics.redis_up.set(1)) if self.metrics else None
-        down = (lambda: self.metrics.redis_up.set(0)) if self.metrics else None
+        down = (lambda: (self.metrics.redis_up.set(0), self.metrics.redis_errors.inc())) if self.metrics else None
         retry_redis(
             lambda: self.write_once(document),
             give_up=self.give_up,

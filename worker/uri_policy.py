@@ -6,21 +6,27 @@ Rules (interpretations):
   ``file``. Every other scheme (``data:``, ``concat:``, ``ftp:``, ``subfile:``, ``pipe:``...) is refused.
 - http(s): the host (lower-cased, without port or credentials) must equal an entry of ``hosts``,
   or be a sub-domain of an entry written ``.example.com``; an empty list allows no host. URLs with
-  user info are refused (credentials do not belong in queue payloads).
+  user info are refused (credentials do not belong in queue payloads), and so are hosts that are not
+  plain ASCII names or IP literals (no IDNA look-alikes, no percent-encoding, no backslashes).
 - Local: the path must be absolute (``file:///...`` or ``/...``); it is resolved with
   ``os.path.realpath`` (symlinks and ``..`` collapsed) and the REAL path must lie inside one of the
   real ``roots``; an empty list allows no local file. A missing file is ``not_found`` (checked after the
-  root check, so the policy does not reveal what exists outside the roots).
+  root check, so the policy does not reveal what exists outside the roots); anything that is not a
+  regular file (a directory, FIFO, socket or device, which would block or never end) is ``forbidden_uri``.
 - ``check`` returns what to open: the normalised URL, or the absolute real path.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ForbiddenUriError, NotFoundError
+
+_HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$|^\[[0-9a-f:.]+\]$")
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,13 @@ class UriPolicy:
             raise ForbiddenUriError(f"malformed URL: {exc}", detail={"uri": uri}) from exc
         if not host:
             raise ForbiddenUriError("URL has no host", detail={"uri": uri})
+        if not _HOST.match(host if ":" not in host else f"[{host}]"):
+            raise ForbiddenUriError(f"host {host!r} is not a plain host name or IP address", detail={"uri": uri})
         allowed = any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.hosts)
         if not allowed:
             raise ForbiddenUriError(f"host {host!r} not allowed", detail={"uri": uri})
-        netloc = host if port is None else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host
+        netloc = name if port is None else f"{name}:{port}"
         return parts._replace(scheme=parts.scheme.lower(), netloc=netloc, fragment="").geturl()
 
     def _check_path(self, path: str, uri: str) -> str:
@@ -86,6 +95,10 @@ class UriPolicy:
                 break
         else:
             raise ForbiddenUriError("path is outside the allowed roots", detail={"uri": uri})
-        if not os.path.isfile(real):
-            raise NotFoundError(f"no such file: {uri}", detail={"uri": uri})
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            raise NotFoundError(f"no such file: {uri}", detail={"uri": uri}) from None
+        if not stat.S_ISREG(mode):
+            raise ForbiddenUriError("not a regular file", detail={"uri": uri})
         return real

@@ -1,0 +1,201 @@
+"""Pipeline throughput as K and decode threads vary, against decode-only (issue 6; BENCHMARKS.md "## Pipeline").
+
+For each point ``K:T[:torch]`` (jobs in flight, decode threads, optional torch intra-op threads) a fresh
+subprocess starts a private redis-server, loads and warms the models, enqueues the clips at once and runs a
+:class:`worker.rq_worker.TagWorker` in burst mode (as ``bench_worker.py``). For each decode thread count
+``T`` a fresh subprocess runs *decode-only*: T threads doing exactly the pipeline's decode work (the
+:class:`worker.decode.VideoSource` chunks, RGB frames at 224, audio cut into VGGish patches) with no
+extractors. Reported per run: videos/min, video-seconds/s, mean batch size / max batch size per extractor,
+peak RSS (VmHWM), and end-to-end / decode-only throughput for the same T.
+
+    python scripts/bench_pipeline.py                                 # default points, 6 clips
+    python scripts/bench_pipeline.py --points 8:2:1,8:2:2 --decode-only 2 --plot out.png
+Clips: the first ``--clips`` of ``bench_clips.py`` (default 6: 55 s of 720p, keyframe intervals 1/2/4 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_clips import Clip, default_cache, make_clips  # noqa: E402
+from bench_worker import bench_settings, cpu_s, load_warm_models, peak_rss_mb, run_worker_batch  # noqa: E402
+
+DEFAULT_POINTS = "1:1,2:2,4:2,8:2,16:2,8:1,8:3"
+
+
+def decode_only(clips: list[Clip], threads: int) -> dict:
+    """The pipeline's decode work for ``clips`` on ``threads`` threads, nothing downstream."""
+    from model.audio_frontend import PatchStream
+    from worker.decode import DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
+
+    settings = bench_settings(decode_threads=threads)
+    policy = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames)
+    limits = DecodeLimits.from_settings(settings)
+    todo: queue.Queue[Clip] = queue.Queue()
+    for clip in clips:
+        todo.put(clip)
+    counts = {"frames": 0, "patches": 0}
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            try:
+                clip = todo.get_nowait()
+            except queue.Empty:
+                return
+            frames = patches = 0
+            with VideoSource(str(clip.path), policy, limits, crop_size=224, resize_short=256) as src:
+                patcher = PatchStream()
+                for chunk in src.chunks():
+                    if isinstance(chunk, FrameChunk):
+                        frames += len(chunk.frames)
+                    else:
+                        patches += len(patcher.push(chunk.samples).numpy())
+            with lock:
+                counts["frames"] += frames
+                counts["patches"] += patches
+
+    c0, t0 = cpu_s(), time.time()
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return {"wall_s": time.time() - t0, "cpu_s": cpu_s() - c0, **counts}
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    from worker.local_redis import LocalRedis
+    from worker.metrics import Metrics
+
+    clips = make_clips(args.cache, args.clips)
+    kind, k, threads, torch_threads = args.child.split(":")
+    if int(torch_threads):
+        torch.set_num_threads(int(torch_threads))
+    if kind == "decode":
+        out = decode_only(clips, int(threads))
+    else:
+        with LocalRedis() as server:
+            settings = bench_settings(redis_url=server.url, concurrency=int(k), decode_threads=int(threads),
+                                      allowed_roots=[str(clips[0].path.parent)])
+            models = load_warm_models(settings)
+            out = run_worker_batch(clips, settings, models, Metrics())
+            out["max_batch"] = {"image": settings.image_batch_size, "audio": settings.audio_batch_size,
+                                "text": settings.text_batch_size, "fusion": settings.fusion_batch_size}
+            out["model_version"] = str(models.model_version)
+    out.update(kind=kind, k=int(k), threads=int(threads), torch_threads=torch.get_num_threads(),
+               peak_rss_mb=peak_rss_mb())
+    return out
+
+
+def run_point(spec: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--clips", str(args.clips),
+           "--cache", str(args.cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["load1"] = os.getloadavg()[0]
+    return out
+
+
+def report(results: list[dict], clips: list[Clip]) -> str:
+    n, video_s = len(clips), sum(c.seconds for c in clips)
+    decode = {r["threads"]: r for r in results if r["kind"] == "decode"}
+    lines = ["| run | K | decode threads | torch threads | videos/min | video-s/s | vs decode-only (same threads) | "
+             "CPU s / video | decode-only CPU / this CPU | mean/max batch image, audio, text | peak RSS MB | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        vpm, vss = 60.0 * n / r["wall_s"], video_s / r["wall_s"]
+        if r["kind"] == "decode":
+            lines.append(f"| decode-only | - | {r['threads']} | {r['torch_threads']} | {vpm:.1f} | {vss:.2f} | 100% | "
+                         f"{r['cpu_s'] / n:.2f} | 100% | - | {r['peak_rss_mb']:.0f} | {r['load1']:.1f} |")
+            continue
+        d = decode.get(r["threads"])
+        rel = f"{100.0 * d['wall_s'] / r['wall_s']:.0f}%" if d else "-"
+        rel_cpu = f"{100.0 * d['cpu_s'] / r['cpu_s']:.0f}%" if d else "-"
+        b, m = r["batch_means"], r["max_batch"]
+        fill = ", ".join(f"{b.get(x, 0):.1f}/{m[x]}" for x in ("image", "audio", "text"))
+        bad = sum(1 for s in r["statuses"].values() if s != "finished")
+        lines.append(f"| worker{' (%d failed)' % bad if bad else ''} | {r['k']} | {r['threads']} | "
+                     f"{r['torch_threads']} | {vpm:.1f} | {vss:.2f} | {rel} | {r['cpu_s'] / n:.2f} | {rel_cpu} | {fill} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['load1']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], clips: list[Clip], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(clips)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    workers = [r for r in results if r["kind"] == "worker"]
+    for threads in sorted({r["threads"] for r in workers}):
+        pts = sorted((r["k"], 60.0 * n / r["wall_s"]) for r in workers if r["threads"] == threads)
+        ax.plot(*zip(*pts, strict=True), "o-", label=f"end to end, {threads} decode thr.")
+    for r in results:
+        if r["kind"] == "decode":
+            ax.axhline(60.0 * n / r["wall_s"], ls="--", lw=1, color="gray")
+            ax.annotate(f"decode-only {r['threads']} thr.", (1, 60.0 * n / r["wall_s"]), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (jobs in flight)")
+    ax.set_ylabel("videos / min")
+    ax.legend(fontsize=7)
+    pts = sorted((r["k"], r["peak_rss_mb"]) for r in workers)
+    ax2.plot(*zip(*pts, strict=True), "s-")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("K (jobs in flight)")
+    ax2.set_ylabel("peak RSS MB")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=6)
+    p.add_argument("--cache", type=Path, default=default_cache())
+    p.add_argument("--points", default=DEFAULT_POINTS, help="K:T[:torch_threads],... worker runs")
+    p.add_argument("--decode-only", default="1,2,3", help="decode thread counts for decode-only runs")
+    p.add_argument("--torch-threads", type=int, default=0, help="default torch threads of every run (0: torch's)")
+    p.add_argument("--plot", type=Path, default=None, help="write the throughput / RSS plot (PNG) here")
+    p.add_argument("--json", type=Path, default=None, help="write the raw results here (and merge with it)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    clips = make_clips(args.cache, args.clips)
+    specs = [f"decode:0:{t}:{args.torch_threads}" for t in args.decode_only.split(",") if t]
+    for point in (x for x in args.points.split(",") if x):
+        k, t, *rest = point.split(":")
+        specs.append(f"worker:{k}:{t}:{rest[0] if rest else args.torch_threads}")
+    results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.0f} s of 720p video; load before "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    for spec in specs:
+        results.append(run_point(spec, args))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    print(report(results, clips))
+    if args.plot:
+        plot(results, clips, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Shared machinery of the fault and load scripts (``chaos.py``, ``burst.py``, ``redis_outage.py``).
+
+* Tiny real media: H.264 + AAC MP4 files made with PyAV (64x64, 1 s by default), so decoding is cheap
+  and the queue machinery is what gets exercised.
+* Worker processes: ``real`` runs the product itself, ``python -m worker.cli worker`` (= ``tagstream
+  worker``, models resident, about 10-20 s to start on a 2-core CPU); ``decode-only`` runs the same
+  :class:`worker.rq_worker.TagWorker`, result sink, metrics and health server, but its pipeline only
+  decodes the video with the production decoder (``worker.probe``) and writes a ``tagged`` document
+  without tags (``model_version`` ``decode-only``). It starts in about a second, which is what lets a
+  CI-sized chaos run kill and restart workers within seconds. Settings travel as ``TAGSTREAM_*``
+  environment variables, exactly as in a deployment.
+* Redis inspection helpers (pipelined, so polling thousands of jobs is cheap) and ``/proc`` RSS.
+
+Run ``python scripts/soak_lib.py decode-only-worker --name NAME [--delay-s S]`` to start a decode-only
+worker by hand (settings from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fractions
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from worker.config import Settings  # noqa: E402
+from worker.keys import TAGGED_STREAM, job_id_for, result_key  # noqa: E402
+
+log = logging.getLogger("soak")
+
+WORKER_KINDS = ("real", "decode-only")
+
+
+# --- media ------------------------------------------------------------------------------------------
+def make_tiny_video(path: Path, *, size: int = 64, seconds: float = 1.0, fps: int = 10, seed: int = 0) -> Path:
+    """An H.264 + AAC MP4 of ``size`` x ``size`` pixels; ``seed`` varies colour and tone."""
+    import av
+    import numpy as np
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width = vs.height = size
+        vs.pix_fmt = "yuv420p"
+        vs.options = {"preset": "ultrafast"}
+        aus = out.add_stream("aac", rate=16000)
+        aus.layout = "mono"
+        base = rng.integers(0, 256, 3)
+        for i in range(int(seconds * fps)):
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = (base + 7 * i) % 256
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = fractions.Fraction(1, fps)
+            out.mux(vs.encode(frame))
+        out.mux(vs.encode(None))
+        tone = np.sin(2 * np.pi * (220 + 20 * (seed % 20)) * np.arange(int(seconds * 16000)) / 16000)
+        samples = (0.3 * tone).astype(np.float32)
+        for start in range(0, samples.size, 1024):
+            chunk = samples[start : start + 1024]
+            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = start
+            frame.time_base = fractions.Fraction(1, 16000)
+            out.mux(aus.encode(frame))
+        out.mux(aus.encode(None))
+    return path
+
+
+def make_media(directory: Path, count: int, **kwargs: Any) -> list[Path]:
+    """``count`` distinct tiny videos in ``directory`` (``clip0000.mp4`` ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [make_tiny_video(directory / f"clip{i:04d}.mp4", seed=i, **kwargs) for i in range(count)]
+
+
+def make_corrupt(path: Path, good: Path) -> Path:
+    """A truncated copy of ``good``: the worker fails it with ``decode_error`` (permanent)."""
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+# --- worker processes ---------------------------------------------------------------------------------
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``os.environ`` plus ``TAGSTREAM_*`` for every field of ``settings``."""
+    env = dict(os.environ)
+    for key, value in settings.model_dump(exclude_none=True).items():
+        env[f"TAGSTREAM_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+@dataclass
+class WorkerProc:
+    """One worker subprocess; its output goes to ``log_path``."""
+
+    name: str
+    kind: str
+    proc: subprocess.Popen
+    log_path: Path
+    metrics_port: int
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def term(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def rss_bytes(self) -> int | None:
+        return rss_bytes(self.pid) if self.alive() else None
+
+    def log_count(self, text: str) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count(text)
+        except OSError:
+            return 0
+
+
+def spawn_worker(kind: str, settings: Settings, name: str, log_dir: Path, *, delay_s: float = 0.0) -> WorkerProc:
+    """Start a ``real`` or ``decode-only`` worker named ``name`` with ``settings`` in its environment."""
+    if kind == "real":
+        cmd = [sys.executable, "-m", "worker.cli", "worker", "--name", name]
+    elif kind == "decode-only":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "decode-only-worker", "--name", name,
+               "--delay-s", str(delay_s)]  # fmt: skip
+    else:
+        raise ValueError(f"unknown worker kind {kind!r}; expected one of {WORKER_KINDS}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    return WorkerProc(name=name, kind=kind, proc=proc, log_path=log_path, metrics_port=settings.metrics_port)
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` from ``/proc`` (Linux), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def scrape(port: int, path: str = "/metrics", timeout_s: float = 2.0) -> tuple[int, str]:
+    """GET ``http://127.0.0.1:port/path``: (status, body); (0, error text) when unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as resp:  # noqa: S310
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """``{'name{labels}': value}`` from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+# --- Redis inspection ---------------------------------------------------------------------------------
+def job_statuses(conn: redis.Redis, video_ids: list[str]) -> dict[str, str | None]:
+    """rq status of each video's job (``queued``, ``started``, ``finished``, ...; None: no job hash)."""
+    with conn.pipeline(transaction=False) as pipe:
+        for vid in video_ids:
+            pipe.hget(f"rq:job:{job_id_for(vid)}", "status")
+        values = pipe.execute()
+    return {vid: (v.decode() if v is not None else None) for vid, v in zip(video_ids, values, strict=True)}
+
+
+def results(conn: redis.Redis, video_ids: list[str]) -> dict[str, dict | None]:
+    """Each video's stored result document, or None."""
+    with conn.pipeline(transaction=False) as pipe:
+        for vid in video_ids:
+            pipe.get(result_key(vid))
+        values = pipe.execute()
+    return {vid: (json.loads(v) if v is not None else None) for vid, v in zip(video_ids, values, strict=True)}
+
+
+def retries_left(conn: redis.Redis, video_ids: list[str]) -> dict[str, int | None]:
+    with conn.pipeline(transaction=False) as pipe:
+        for vid in video_ids:
+            pipe.hget(f"rq:job:{job_id_for(vid)}", "retries_left")
+        values = pipe.execute()
+    return {vid: (int(v) if v is not None else None) for vid, v in zip(video_ids, values, strict=True)}
+
+
+def completions(conn: redis.Redis) -> dict[str, int]:
+    """How many ``tagstream:tagged`` events each video has (one per result write)."""
+    counts: dict[str, int] = {}
+    last = "-"
+    while True:
+        batch = conn.xrange(TAGGED_STREAM, min=last, count=5000)
+        if last != "-":
+            batch = batch[1:]
+        if not batch:
+            return counts
+        for _, fields in batch:
+            vid = fields[b"video_id"].decode()
+            counts[vid] = counts.get(vid, 0) + 1
+        last = batch[-1][0].decode()
+
+
+def worker_jobs(conn: redis.Redis, worker_name: str) -> set[str]:
+    """Job ids the worker has registered executions for (rq 3's per-worker execution index)."""
+    members = conn.smembers(f"rq:worker:{worker_name}:executions")
+    return {m.decode().rsplit(":", 1)[0] for m in members}
+
+
+def queue_state(conn: redis.Redis, queue: str) -> dict[str, int]:
+    """Lengths of rq's working sets for ``queue``."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.llen(f"rq:queue:{queue}")
+        pipe.llen(f"rq:queue:{queue}:intermediate")
+        pipe.zcard(f"rq:wip:{queue}")
+        pipe.zcard(f"rq:failed:{queue}")
+        pipe.zcard(f"rq:finished:{queue}")
+        values = pipe.execute()
+    return dict(zip(("queued", "intermediate", "started", "failed", "finished"), map(int, values), strict=True))
+
+
+def memory_info(conn: redis.Redis) -> dict[str, int]:
+    info = conn.info("memory")
+    return {"used_memory": int(info["used_memory"]), "used_memory_rss": int(info["used_memory_rss"]),
+            "keys": int(conn.dbsize())}  # fmt: skip
+
+
+def key_families(conn: redis.Redis) -> dict[str, int]:
+    """Key counts by family (``rq:job``, ``tagstream:tags``, ...), to show what lingers."""
+    counts: dict[str, int] = {}
+    for key in conn.scan_iter(count=1000):
+        parts = key.decode(errors="replace").split(":")
+        family = ":".join(parts[:2]) if len(parts) > 1 else parts[0]
+        counts[family] = counts.get(family, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) by linear interpolation, or None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def wait_until(predicate: Any, timeout_s: float, poll_s: float = 0.2) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return True
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+        time.sleep(poll_s)
+    return False
+
+
+# --- the decode-only worker -----------------------------------------------------------------------------
+@dataclass
+class DecodeRequest:
+    video_id: str
+    uri: str
+    title: str = ""
+    enqueued_at: float | None = None
+    deadline: float | None = None
+
+
+class DecodeOnlyPipeline:
+    """``submit(request) -> Future[dict]``: decodes with the production decoder, waits ``delay_s``
+    (standing in for model time, so jobs are in flight long enough to be killed), returns a tagged
+    document without tags. Decode errors propagate as the decoder raised them (typed, with reasons)."""
+
+    def __init__(self, settings: Settings, delay_s: float = 0.0) -> None:
+        self.settings = settings
+        self.delay_s = delay_s
+        self.pool = ThreadPoolExecutor(max(settings.concurrency, 1), thread_name_prefix="decode")
+        self.stopped = threading.Event()
+
+    def submit(self, request: DecodeRequest) -> Future:
+        return self.pool.submit(self._tag, request)
+
+    def _tag(self, request: DecodeRequest) -> dict:
+        from worker.errors import ShutdownError
+        from worker.probe import probe
+        from worker.result import tagged_document
+
+        start = time.perf_counter()
+        doc = probe(request.uri, self.settings)
+        if self.stopped.wait(self.delay_s):
+            raise ShutdownError("pipeline stopped")
+        info = doc["info"]
+        media = {"duration_s": info["duration_s"], "frames": doc["frames_sampled"], "audio_s": doc["audio_seconds"],
+                 "width": info["width"], "height": info["height"]}  # fmt: skip
+        queue_wait = max(0.0, time.time() - request.enqueued_at) if request.enqueued_at else 0.0
+        timings = {"decode": doc["timings_s"]["total_s"], "total": time.perf_counter() - start, "queue_wait": queue_wait}
+        return tagged_document(request.video_id, model_version="decode-only", prediction=None, concepts=[],
+                               media=media, timings=timings)  # fmt: skip
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.stopped.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_only_worker_main(argv: list[str]) -> int:
+    """A TagWorker with :class:`DecodeOnlyPipeline`, metrics and health server; settings from env."""
+    parser = argparse.ArgumentParser(prog="soak_lib.py decode-only-worker")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--delay-s", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    from worker.health import HealthServer
+    from worker.metrics import Metrics
+    from worker.rq_worker import TagWorker
+
+    metrics = Metrics()
+    state: dict[str, Any] = {"worker": None}
+    health = None
+    if settings.metrics_port:
+        ready = lambda: bool(state["worker"] is not None and state["worker"].redis_ok)  # noqa: E731
+        health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
+    pipeline = DecodeOnlyPipeline(settings, args.delay_s)
+    conn = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    worker = TagWorker(settings, conn, pipeline, model_version="decode-only", metrics=metrics, name=args.name,
+                       request_factory=DecodeRequest)  # fmt: skip
+    state["worker"] = worker
+    try:
+        worker.work()
+    finally:
+        pipeline.stop()
+        if health is not None:
+            health.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "decode-only-worker":
+        sys.exit(decode_only_worker_main(sys.argv[2:]))
+    sys.exit("usage: soak_lib.py decode-only-worker --name NAME [--delay-s S]")

@@ -1,0 +1,188 @@
+"""``tagstream worker --gpus``: the supervisor, with real ``tagstream worker`` children.
+
+There is no GPU here, so the tests name the devices (``--gpus 0,1``) and pass ``--device cpu``: each
+child still gets its own ``CUDA_VISIBLE_DEVICES`` and metrics port, loads the real models on CPU and
+registers with rq. Children are found through ``/proc`` (Linux), their environment read from
+``/proc/PID/environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Worker
+from worker_support import ROOT, http_get, wait_for
+
+from worker.client import tag_queue
+from worker.config import Settings
+from worker.runner import add_arguments, child_flags, devices_for
+
+pytestmark = [pytest.mark.integration]
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies excluded)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment ``pid`` started with ({} when it has gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def cmdline_of(pid: int) -> list[str]:
+    return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+
+
+def flag_value(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def start_supervisor(redis_url: str, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "worker.cli", "worker", "--gpus", "0,1", "--device", "cpu", "--hwaccel", "none",
+           "--redis-url", redis_url, "--queue", "supervised", "--name", "sup", "--no-bridge",
+           "--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--heartbeat-interval-s", "0.5", *extra]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+
+def child_by_device(sup: subprocess.Popen) -> dict[str, int]:
+    found = {pid: environ_of(pid) for pid in children_of(sup.pid)}
+    return {env["CUDA_VISIBLE_DEVICES"]: pid for pid, env in found.items() if "CUDA_VISIBLE_DEVICES" in env}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_devices_for_each_gpus_form(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert devices_for("all") == ["2", "3"]  # the visible ids themselves, not 0..n-1
+    assert devices_for("1") == ["2"]
+    with pytest.raises(SystemExit):
+        devices_for("3")
+    assert devices_for("0,5") == ["0", "5"]  # explicit ids pass through unchecked
+    assert devices_for("GPU-8a1b,GPU-77ff") == ["GPU-8a1b", "GPU-77ff"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert devices_for("all") == [None]  # no GPU: one worker without a device
+
+
+def test_child_flags_pass_settings_through_but_not_per_child_ones():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--gpus", "all", "--name", "w", "--metrics-port", "9200", "--concurrency", "3",
+                              "--burst", "--allowed-roots", "/a,/b", "--no-bridge"])  # fmt: skip
+    flags = child_flags(args)
+    assert flags == ["--concurrency", "3", "--burst", "--allowed-roots", "/a,/b", "--no-bridge"]
+    again = parser.parse_args(flags)
+    assert again.gpus is None and again.no_bridge
+    from worker.config import settings_from_args
+
+    assert settings_from_args(again).allowed_roots == ["/a", "/b"]
+
+
+def test_supervisor_workers_per_device_restart_and_sigterm(redis_url, tmp_path):
+    """One worker per device (own CUDA_VISIBLE_DEVICES, metrics port, rq name); a SIGKILLed child is
+    restarted on the same device and port; SIGTERM reaches every child, which stop cleanly."""
+    port = free_port_pair()
+    conn = redis.Redis.from_url(redis_url)
+    queue = tag_queue(conn, Settings(queue="supervised"))
+    sup = start_supervisor(redis_url, port, tmp_path / "supervisor.log")
+    try:
+        wait_for(lambda: sorted(child_by_device(sup)) == ["0", "1"], 60, "one child per device", sup)
+        first = child_by_device(sup)
+        for device, pid in first.items():
+            cmd = cmdline_of(pid)
+            assert cmd[1:4] == ["-m", "worker.cli", "worker"] and "--gpus" not in cmd
+            assert flag_value(cmd, "--metrics-port") == str(port + int(device))
+            assert flag_value(cmd, "--name") == f"sup-{device}"
+            assert flag_value(cmd, "--device") == "cpu"
+            assert os.getsid(pid) == pid  # own session: a terminal's Ctrl-C reaches the supervisor only
+        for offset in (0, 1):  # each child serves its own health endpoint (it answers while models load)
+            wait_for(lambda o=offset: http_get(f"http://127.0.0.1:{port + o}/healthz")[0] == 200, 60,
+                     f"/healthz on port {port + offset}", sup)  # fmt: skip
+
+        os.kill(first["1"], signal.SIGKILL)  # a crash (OOM killer, segfault) of the worker on device 1
+        wait_for(lambda: child_by_device(sup).get("1") not in (None, first["1"]), 30, "device 1 restarted", sup)
+        restarted = child_by_device(sup)
+        assert restarted["0"] == first["0"]  # the other worker is left alone
+        cmd = cmdline_of(restarted["1"])
+        assert flag_value(cmd, "--metrics-port") == str(port + 1) and flag_value(cmd, "--name") == "sup-1.1"
+
+        # both load their models and register with rq under their own names
+        wait_for(lambda: sorted(w.name for w in Worker.all(queue=queue)) == ["sup-0", "sup-1.1"], 240,
+                 "both children registered with rq", sup)  # fmt: skip
+        for offset in (0, 1):
+            wait_for(lambda o=offset: http_get(f"http://127.0.0.1:{port + o}/readyz")[0] == 200, 60,
+                     f"/readyz on port {port + offset}", sup)  # fmt: skip
+
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(60) == 0
+        assert children_of(sup.pid) == []
+        assert Worker.all(queue=queue) == []  # every child stopped cleanly and unregistered
+    finally:
+        for pid in children_of(sup.pid):
+            os.kill(pid, signal.SIGKILL)
+        stop(sup)
+    log = (tmp_path / "supervisor.log").read_text()
+    assert "worker 1 (pid" in log and "restarting" in log
+
+
+def test_sigterm_while_children_load_exits_cleanly(redis_url, tmp_path):
+    """SIGTERM to the supervisor before its children finished loading: every child exits at once with
+    status 0 (nothing was in flight) and so does the supervisor."""
+    port = free_port_pair()
+    sup = start_supervisor(redis_url, port, tmp_path / "supervisor.log")
+    try:
+        for offset in (0, 1):
+            wait_for(lambda o=offset: http_get(f"http://127.0.0.1:{port + o}/healthz")[0] == 200, 60,
+                     f"/healthz on port {port + offset}", sup)  # fmt: skip
+        children = children_of(sup.pid)
+        assert len(children) == 2
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in children_of(sup.pid):
+            os.kill(pid, signal.SIGKILL)
+        stop(sup)
