@@ -9,6 +9,8 @@
 # The GPU image has torch, torchvision, transformers, numpy but no PyAV; worker.decode and model/ need
 # nothing else (worker.config / pydantic-settings are not imported). The MiniLM weights (90 MB) do not
 # travel: the text benchmark uses the same config with random weights and the real tokenizer.
+# Device call (one machine, about 7.5 min of the run plus the machine's start):
+#   run(command="bash scripts/device_bench.sh", carry=[".whl"], timeout_s=480)
 # Everything is written to $OUT (default /tmp/tagstream-gpu-out): env.txt, bench_gpu.log,
 # bench_gpu.json, bench_gpu.md. The benchmark itself is limited to BENCH_LIMIT_S (default 400 s).
 set -uo pipefail
