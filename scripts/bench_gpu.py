@@ -191,6 +191,7 @@ class Bench:
         import torch
 
         self.args = args
+        self.e2e_hwaccel = args.e2e_hwaccel
         self.cuda = torch.cuda.is_available() and not args.cpu
         self.reduced = args.reduced or not self.cuda
         self.cfg = dict(REDUCED if self.reduced else FULL)
@@ -657,12 +658,13 @@ class Bench:
                 threading.Thread(target=_sample_gpu, args=(stop, util), daemon=True).start()
             group, vids = [], []
             try:
-                list(pool.map(decode_video, [clip] * n, [False] * n))  # start + import in every worker
+                hw = self.e2e_hwaccel
+                list(pool.map(decode_video, [clip] * n, [False] * n, [hw] * n))  # start + import in every worker
                 c0, t0, g0, sub = time.process_time(), time.perf_counter(), gpu_s[0], 0
                 pending = set()
                 while done_n < count:
                     while sub < count and len(pending) < window and time.perf_counter() - t0 < box_s:
-                        pending.add(pool.submit(decode_video, clip, keep))
+                        pending.add(pool.submit(decode_video, clip, keep, hw))
                         sub += 1
                     if not pending:
                         break
@@ -693,6 +695,7 @@ class Bench:
                     "gpu_utilisation_nvml": statistics.mean(util) / 100.0 if util else None,
                     "mean_decode_wall_s": statistics.mean(r["wall_s"] for r in results) if results else None,
                     "strategy": results[0]["strategy"] if results else None,
+                    "hwaccel": results[0]["hwaccel"] if results else None,
                     "frames_decoded_per_video": results[0]["frames_decoded"] if results else None}
 
         per_group = max(1, round(self.cfg["img_batch"] / self.cfg["clip_s"]))  # videos per extractor batch
@@ -784,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=0.0, help="total time budget (default 360 s; 1200 s reduced)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all; 1 on an overloaded CPU)")
     ap.add_argument("--clip-seconds", type=float, default=0.0, help="override the clip length")
+    ap.add_argument("--e2e-hwaccel", choices=["none", "cuda"], default="none",
+                    help="decoder of the end-to-end pool: CPU (none) or NVDEC through FFmpeg's cuda hwaccel")
     ap.add_argument("--only", default="", help="comma-separated sections (meta and clip always run)")
     ap.add_argument("--text-dir", default="", help="tokenizer + config.json of MiniLM when the package is absent")
     ap.add_argument("--cache", default="/tmp/tagstream-gpu-bench", help="where the generated clip is kept")
