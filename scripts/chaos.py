@@ -9,8 +9,9 @@ What it does (issue 7, "Chaos soak"):
    enqueued a second time right away and again once a quarter of the videos are done.
 3. Starts ``--workers`` worker processes (``--worker-kind real`` = ``tagstream worker``, the default;
    ``decode-only`` = the same rq worker with a decode-only pipeline, see ``soak_lib.py``).
-4. While videos remain: every ``--kill-every`` seconds (uniform in the range) a random worker -- one
-   holding jobs when there is one -- is SIGKILLed and a new one started; at 1/3 and 2/3 of the
+4. While videos remain: every ``--kill-every`` seconds (uniform in the range) a random worker among
+   those holding jobs is SIGKILLed (the kill waits while none holds any, e.g. all still loading their
+   models) and a new one started; at 1/3 and 2/3 of the
    videos Redis is restarted (``--redis-restarts term,kill``: the first a clean shutdown, the second a
    crash, which may lose up to a second of writes under ``everysec``); at half way one worker gets
    SIGTERM and is replaced once it has exited.
@@ -48,7 +49,6 @@ import soak_lib as lib  # noqa: E402
 
 from worker.client import enqueue_video  # noqa: E402
 from worker.config import Settings  # noqa: E402
-from worker.keys import RESULT_PREFIX  # noqa: E402
 from worker.local_redis import LocalRedis, free_port  # noqa: E402
 
 log = logging.getLogger("chaos")
@@ -264,46 +264,8 @@ def drained(run: Run) -> bool:
     return qs["queued"] == 0 and qs["intermediate"] == 0 and qs["started"] == 0
 
 
-def verify(conn: redis.Redis, settings: Settings, video_ids: list[str], job_retries: int) -> dict[str, Any]:
-    """The invariants, checked against Redis after the workers stopped."""
-    statuses = lib.job_statuses(conn, video_ids)
-    docs = lib.results(conn, video_ids)
-    events = lib.completions(conn)
-    left = lib.retries_left(conn, video_ids)
-    qs = lib.queue_state(conn, settings.queue)
-    result_keys = sum(1 for _ in conn.scan_iter(match=f"{RESULT_PREFIX}*", count=1000))
-    tagged = [v for v in video_ids if docs[v] and docs[v]["status"] == "tagged" and docs[v]["video_id"] == v]
-    report = {
-        "distinct_videos": len(video_ids),
-        "tagged": len(tagged),
-        "lost": sum(1 for v in video_ids if docs[v] is None),
-        "failed": sum(1 for v in video_ids if docs[v] is not None and docs[v]["status"] != "tagged"),
-        "jobs_not_finished": {s or "missing": n for s, n in _count(statuses.values()).items() if s != "finished"},
-        "stuck_started": sum(1 for s in statuses.values() if s == "started") + qs["started"],
-        "left_in_queue": qs["queued"],
-        "left_in_intermediate": qs["intermediate"],
-        "failed_registry": qs["failed"],
-        "result_keys": result_keys,
-        "stray_results": result_keys - sum(1 for v in video_ids if docs[v] is not None),
-        "videos_written_more_than_once": sum(1 for v in video_ids if events.get(v, 0) > 1),
-        "result_writes": sum(events.get(v, 0) for v in video_ids),
-        "videos_without_event": sum(1 for v in video_ids if events.get(v, 0) == 0),
-        "videos_retried": sum(1 for v in video_ids if left[v] is not None and left[v] < job_retries),
-        "retries_spent": sum(job_retries - left[v] for v in video_ids if left[v] is not None),
-    }
-    report["ok"] = (
-        report["tagged"] == len(video_ids) and report["lost"] == 0 and report["stuck_started"] == 0
-        and not report["jobs_not_finished"] and report["left_in_queue"] == 0 and report["left_in_intermediate"] == 0
-        and report["failed_registry"] == 0 and report["stray_results"] == 0 and report["result_keys"] == len(video_ids)
-    )  # fmt: skip
-    return report
-
-
-def _count(values: Any) -> dict[Any, int]:
-    out: dict[Any, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -379,8 +341,9 @@ def run_chaos(config: ChaosConfig) -> dict[str, Any]:
                 sigterm_one(run, rng)
                 sigterms_left -= 1
             if run.now() >= next_kill and frac < 1.0 and (not config.max_kills or len(run.kills) < config.max_kills):
-                # Wait up to 10 s for a worker that holds jobs, so that kills orphan work.
-                if kill_one(run, rng, holders_only=run.now() < next_kill + 10):
+                # Only a worker holding jobs is killed (one still loading models orphans nothing, and
+                # killing those could starve the run); when none holds any, the kill waits.
+                if kill_one(run, rng, holders_only=True):
                     next_kill = run.now() + rng.uniform(*config.kill_every_s)
         report["timed_out"] = done_at is None
         report["drain_s"] = None if done_at is None else round(done_at, 1)
@@ -394,7 +357,7 @@ def run_chaos(config: ChaosConfig) -> dict[str, Any]:
                 except Exception:
                     worker.kill()
         report["total_s"] = round(run.now(), 1)
-        report["verify"] = verify(conn, settings, video_ids, config.job_retries)
+        report["verify"] = lib.verify(conn, settings, video_ids, config.job_retries)
         report["enqueue"] = {"calls": len(order) + len(dup_ids), "created": created + late[0],
                              "refused_duplicates": refused + late[1]}  # fmt: skip
         report["kills"] = run.kills
@@ -406,6 +369,12 @@ def run_chaos(config: ChaosConfig) -> dict[str, Any]:
         report["orphan_picked_up"] = _stats([o.picked_up_s for o in run.orphans if o.picked_up_s is not None])
         report["orphan_finished"] = _stats([o.finished_s for o in run.orphans if o.finished_s is not None])
         report["orphans_unrecovered"] = sum(1 for o in run.orphans if o.finished_s is None)
+        report["orphans"] = [{"job": o.job_id, "kill": o.kill, "picked_up_s": _round(o.picked_up_s),
+                              "finished_s": _round(o.finished_s)} for o in run.orphans]  # fmt: skip
+        report["max_retries_spent_by_one_video"] = max(
+            (config.job_retries - left for left in lib.retries_left(conn, video_ids).values() if left is not None),
+            default=0,
+        )
         v = report["verify"]
         report["ok"] = bool(
             v["ok"] and not report["timed_out"] and report["orphans_unrecovered"] == 0
@@ -432,7 +401,8 @@ def summary(report: dict[str, Any]) -> str:
         f"left queued {v['left_in_queue']}, intermediate {v['left_in_intermediate']}, stray results {v['stray_results']}",
         f"  result written more than once: {v['videos_written_more_than_once']} videos "
         f"({v['result_writes']} writes); retried after a crash: {v['videos_retried']} videos "
-        f"({v['retries_spent']} retries spent)",
+        f"({v['retries_spent']} retries spent, at most {report['max_retries_spent_by_one_video']} by one video "
+        f"of {c['job_retries']})",
         f"  SIGKILLs: {len(report['kills'])} (jobs held: {sum(k['jobs_held'] for k in report['kills'])}); "
         f"Redis restarts: {', '.join(e['mode'] for e in report['redis_restarts']) or 'none'}; "
         f"worker processes started: {report['worker_processes']}",
@@ -475,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("worker.client").setLevel(logging.WARNING)  # one line per refused duplicate otherwise
+    lib.exit_on_sigterm()
     modes = tuple(m for m in args.redis_restarts.split(",") if m)
     if any(m not in ("term", "kill") for m in modes):
         p.error("--redis-restarts takes term and kill")

@@ -65,7 +65,7 @@ def main() -> None:
     extra = ["--threads", str(args.threads), *extra]
     tasks = [(name, seed) for seed in seeds for name in CONFIGS]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(tasks, pool.map(lambda t: run_one(args.features, runs, t[0], t[1], extra), tasks)))
+        results = dict(zip(tasks, pool.map(lambda t: run_one(args.features, runs, t[0], t[1], extra), tasks), strict=True))
     (runs / "table1.json").write_text(json.dumps({f"{n}_s{s}": r for (n, s), r in results.items()}, indent=1))
 
     print("| model | seed | Hit@1 | Hit@2 | Hit@1, no titles | Hit@2, no titles | mAP | GAP@20 |")

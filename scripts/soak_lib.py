@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from worker.config import Settings  # noqa: E402
-from worker.keys import TAGGED_STREAM, job_id_for, result_key  # noqa: E402
+from worker.keys import RESULT_PREFIX, TAGGED_STREAM, job_id_for, result_key  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -197,6 +197,11 @@ def metric_values(text: str) -> dict[str, float]:
     return out
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit, so a script's ``finally`` stops its workers and Redis."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 # --- Redis inspection ---------------------------------------------------------------------------------
 def job_statuses(conn: redis.Redis, video_ids: list[str]) -> dict[str, str | None]:
     """rq status of each video's job (``queued``, ``started``, ``finished``, ...; None: no job hash)."""
@@ -297,6 +302,48 @@ def wait_until(predicate: Any, timeout_s: float, poll_s: float = 0.2) -> bool:
     return False
 
 
+def verify(conn: redis.Redis, settings: Settings, video_ids: list[str], job_retries: int) -> dict[str, Any]:
+    """The invariants, checked against Redis after the workers stopped."""
+    statuses = job_statuses(conn, video_ids)
+    docs = results(conn, video_ids)
+    events = completions(conn)
+    left = retries_left(conn, video_ids)
+    qs = queue_state(conn, settings.queue)
+    result_keys = sum(1 for _ in conn.scan_iter(match=f"{RESULT_PREFIX}*", count=1000))
+    tagged = [v for v in video_ids if docs[v] and docs[v]["status"] == "tagged" and docs[v]["video_id"] == v]
+    report = {
+        "distinct_videos": len(video_ids),
+        "tagged": len(tagged),
+        "lost": sum(1 for v in video_ids if docs[v] is None),
+        "failed": sum(1 for v in video_ids if docs[v] is not None and docs[v]["status"] != "tagged"),
+        "jobs_not_finished": {s or "missing": n for s, n in _count(statuses.values()).items() if s != "finished"},
+        "stuck_started": sum(1 for s in statuses.values() if s == "started") + qs["started"],
+        "left_in_queue": qs["queued"],
+        "left_in_intermediate": qs["intermediate"],
+        "failed_registry": qs["failed"],
+        "result_keys": result_keys,
+        "stray_results": result_keys - sum(1 for v in video_ids if docs[v] is not None),
+        "videos_written_more_than_once": sum(1 for v in video_ids if events.get(v, 0) > 1),
+        "result_writes": sum(events.get(v, 0) for v in video_ids),
+        "videos_without_event": sum(1 for v in video_ids if events.get(v, 0) == 0),
+        "videos_retried": sum(1 for v in video_ids if left[v] is not None and left[v] < job_retries),
+        "retries_spent": sum(job_retries - left[v] for v in video_ids if left[v] is not None),
+    }
+    report["ok"] = (
+        report["tagged"] == len(video_ids) and report["lost"] == 0 and report["stuck_started"] == 0
+        and not report["jobs_not_finished"] and report["left_in_queue"] == 0 and report["left_in_intermediate"] == 0
+        and report["failed_registry"] == 0 and report["stray_results"] == 0 and report["result_keys"] == len(video_ids)
+    )  # fmt: skip
+    return report
+
+
+def _count(values: Any) -> dict[Any, int]:
+    out: dict[Any, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
 # --- the decode-only worker -----------------------------------------------------------------------------
 @dataclass
 class DecodeRequest:
@@ -362,6 +409,9 @@ def decode_only_worker_main(argv: list[str]) -> int:
     if settings.metrics_port:
         ready = lambda: bool(state["worker"] is not None and state["worker"].redis_ok)  # noqa: E731
         health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
+    import worker.probe  # noqa: F401  (warm: imported before the first job, as models are in a real worker)
+    import worker.result  # noqa: F401
+
     pipeline = DecodeOnlyPipeline(settings, args.delay_s)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     worker = TagWorker(settings, conn, pipeline, model_version="decode-only", metrics=metrics, name=args.name,

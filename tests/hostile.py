@@ -325,8 +325,9 @@ def build_corpus(root: Path, http_base: str) -> list[Case]:
     add("html_as_mp4", "decode_error", media / "page.mp4", note="an error page saved as .mp4")
     add("zero_dimensions", "decode_error", zero_dimension_avi(media / "zero_dims.avi"), note="raw video, 0x0 frames")
     for kind, path in still_images(media).items():
-        add(kind, "unsupported_media", path, note="a still image")
-    add("audio_only_wav", "unsupported_media", make_audio(media / "tone.wav", seconds=1.0, codec="pcm_s16le"))
+        add(kind, "unsupported_media", path, note={"jpeg": "a JPEG photo", "gif": "an animated GIF"}[kind])
+    add("audio_only_wav", "unsupported_media", make_audio(media / "tone.wav", seconds=1.0, codec="pcm_s16le"),
+        note="PCM WAV, no video")
     add("subtitle_only", "unsupported_media", subtitle_only_mkv(media / "subs.mkv"), note="Matroska with SubRip only")
 
     # containers that pull in other resources
@@ -353,10 +354,11 @@ def build_corpus(root: Path, http_base: str) -> list[Case]:
         note="elementary stream: demuxer not on the allow-list")
 
     # limits
-    add("oversize_pixels", "too_large", make_video(media / "big.mp4", seconds=0.5, fps=10, size=(640, 480)))
+    add("oversize_pixels", "too_large", make_video(media / "big.mp4", seconds=0.5, fps=10, size=(640, 480)),
+        note="640x480 over max_pixels")
     add("aspect_wide", "too_large", make_video(media / "wide.mp4", seconds=0.5, fps=5, size=(2048, 2)),
         note="2048x2: short side 256 would make 262144x256 frames")
-    add("aspect_tall", "too_large", make_video(media / "tall.mp4", seconds=0.5, fps=5, size=(2, 2048)))
+    add("aspect_tall", "too_large", make_video(media / "tall.mp4", seconds=0.5, fps=5, size=(2, 2048)), note="2x2048")
     sparse = media / "sparse.mp4"
     with open(sparse, "wb") as fh:
         fh.write(good.read_bytes())
@@ -376,42 +378,42 @@ def build_corpus(root: Path, http_base: str) -> list[Case]:
     os.symlink("/dev/zero", media / "zero_device.mp4")
     os.mkfifo(media / "pipe.mp4")
     (media / "folder.mp4").mkdir()
-    for kind, uri in {
-        "data_uri": "data:video/mp4;base64,AAAAGGZ0eXBtcDQy",
-        "concat_uri": f"concat:{good}|{secret}",
-        "subfile_uri": f"subfile:,,start,0,end,0,,:{secret}",
-        "symlink_escape": media / "escape.mp4",
-        "symlink_dir_escape": media / "escape_dir" / "secret.mp4",
-        "dotdot_escape": f"{media}/../outside/secret.mp4",
-        "percent_dotdot": f"file://{media}/%2e%2e/outside/secret.mp4",
-        "file_other_host": f"file://fileserver{good}",
-        "relative_path": "media/base.mp4",
-        "device_symlink": media / "zero_device.mp4",
-        "fifo": media / "pipe.mp4",
-        "directory": media / "folder.mp4",
-        "disallowed_host": "http://media.evil.example/v.mp4",
-        "credentials_in_url": f"http://user:pw@{http_base.split('//')[1]}/good.mp4",
-        "ftp_scheme": "ftp://127.0.0.1/v.mp4",
-    }.items():
-        add(kind, "forbidden_uri", uri, budget="instant")
-    add("missing_file", "not_found", media / "missing.mp4", budget="instant")
+    for kind, uri, note in [
+        ("data_uri", "data:video/mp4;base64,AAAAGGZ0eXBtcDQy", "bytes inline in the URI"),
+        ("concat_uri", f"concat:{good}|{secret}", "FFmpeg concat protocol, second part outside the root"),
+        ("subfile_uri", f"subfile:,,start,0,end,0,,:{secret}", "FFmpeg subfile protocol"),
+        ("symlink_escape", media / "escape.mp4", "symlink in the root to a file outside it"),
+        ("symlink_dir_escape", media / "escape_dir" / "secret.mp4", "through a symlinked directory"),
+        ("dotdot_escape", f"{media}/../outside/secret.mp4", "`..` out of the root"),
+        ("percent_dotdot", f"file://{media}/%2e%2e/outside/secret.mp4", "percent-encoded `..`"),
+        ("file_other_host", f"file://fileserver{good}", "file URI naming a host"),
+        ("relative_path", "media/base.mp4", "relative path"),
+        ("device_symlink", media / "zero_device.mp4", "symlink to /dev/zero"),
+        ("fifo", media / "pipe.mp4", "named pipe in the root (open would block)"),
+        ("directory", media / "folder.mp4", "a directory named .mp4"),
+        ("disallowed_host", "http://media.evil.example/v.mp4", "host not on the allow-list"),
+        ("credentials_in_url", f"http://user:pw@{http_base.split('//')[1]}/good.mp4", "user:password@ in the URL"),
+        ("ftp_scheme", "ftp://127.0.0.1/v.mp4", "scheme not allowed"),
+    ]:
+        add(kind, "forbidden_uri", uri, budget="instant", note=note)
+    add("missing_file", "not_found", media / "missing.mp4", budget="instant", note="no such file in the root")
 
     # network (HostileServer)
-    for kind, reason, path, budget in [
-        ("redirect_to_disallowed_host", "forbidden_uri", "/redirect-evil", "open"),
-        ("redirect_to_file", "forbidden_uri", "/redirect-file", "open"),
-        ("redirect_loop", "forbidden_uri", "/redirect-loop", "open"),
-        ("http_404", "not_found", "/nothing-here.mp4", "open"),
-        ("slow_loris_headers", "timeout", "/slow-headers", "open"),
-        ("slow_loris_body", "timeout", "/slow-body", "open"),
-        ("slow_stream", "timeout", "/slow-stream", "decode"),
-        ("endless_garbage", "decode_error", "/endless-garbage", "open"),
-        ("endless_stream", "unsupported_media", "/endless-stream", "open"),
-        ("endless_null_packets", "unsupported_media", "/endless-null", "open"),
-        ("huge_content_length", "too_large", "/huge-length", "open"),
-        ("http_playlist", "forbidden_media", "/playlist.m3u8", "open"),
-    ]:  # fmt: skip
-        add(kind, reason, http_base + path, budget)
+    for kind, reason, path, budget, note in [
+        ("redirect_to_disallowed_host", "forbidden_uri", "/redirect-evil", "open", "302 to http://localhost/..."),
+        ("redirect_to_file", "forbidden_uri", "/redirect-file", "open", "302 to file:///etc/passwd"),
+        ("redirect_loop", "forbidden_uri", "/redirect-loop", "open", "302 to itself"),
+        ("http_404", "not_found", "/nothing-here.mp4", "open", "404"),
+        ("slow_loris_headers", "timeout", "/slow-headers", "open", "one header byte every 0.2 s"),
+        ("slow_loris_body", "timeout", "/slow-body", "open", "100 bytes every 0.5 s"),
+        ("slow_stream", "timeout", "/slow-stream", "decode", "moov at once, then 50 bytes every 0.5 s"),
+        ("endless_garbage", "decode_error", "/endless-garbage", "open", "random bytes for ever, no length"),
+        ("endless_stream", "unsupported_media", "/endless-stream", "open", "a TS clip looped for ever, no length"),
+        ("endless_null_packets", "unsupported_media", "/endless-null", "open", "TS null packets for ever"),
+        ("huge_content_length", "too_large", "/huge-length", "open", "Content-Length: 10**13"),
+        ("http_playlist", "forbidden_media", "/playlist.m3u8", "open", "HLS over HTTP naming a local file"),
+    ]:
+        add(kind, reason, http_base + path, budget, note)
     kinds = [c.kind for c in cases]
     assert len(kinds) == len(set(kinds)), "duplicate case kinds"
     return cases

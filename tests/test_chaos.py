@@ -42,3 +42,28 @@ def test_chaos_soak_loses_nothing_and_leaves_nothing_started(tmp_path):
     assert len(report["sigterms"]) == 1 and report["sigterms"][0]["exit_code"] == 0, report["sigterms"]
     assert report["unexpected_exits"] == []
     assert report["ok"]
+
+
+def test_redis_outage_longer_than_heartbeat_ttl_reruns_nothing(tmp_path):
+    """Redis away for twice the heartbeat TTL while 4 jobs are in flight on 2 worker processes: both
+    stay up and report it (redis_up 0, not ready, error counter), every job completes once (nobody's
+    maintenance mistakes the other's lapsed heartbeats for a dead worker), nothing is lost."""
+    from redis_outage import parser, run_outage, summary
+
+    args = parser().parse_args([
+        "--videos", "4", "--files", "2", "--workers", "2", "--worker-kind", "decode-only", "--concurrency", "2",
+        "--decode-delay-s", "18", "--at", "0", "--in-flight", "4", "--outage-s", "10", "--heartbeat-interval-s", "5",
+        "--heartbeat-ttl-s", "6", "--maintenance-interval-s", "1", "--timeout-s", "120", "--workdir", str(tmp_path),
+    ])  # fmt: skip
+    report = run_outage(args)
+    print(summary(report))
+    d, v = report["during"], report["verify"]
+    assert report["in_flight_at_outage"] == 4
+    assert d["all_workers_alive"] and report["workers_alive_after"], report
+    assert d["redis_up_at_end"] == [0.0, 0.0] and d["ready_at_end"] == [False, False], d
+    assert all(e > 0 for e in d["redis_errors_at_end"]), d
+    assert report["redis_up_after"] == [1.0, 1.0]
+    assert v["tagged"] == 4 and v["lost"] == 0 and v["stuck_started"] == 0 and v["ok"], v
+    assert v["videos_written_more_than_once"] == 0 and v["retries_spent"] == 0, v
+    assert report["worker_exit_codes"] == [0, 0]
+    assert report["ok"]

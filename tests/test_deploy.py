@@ -19,8 +19,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
-from tests.deploy_support import (
+from deploy_support import (
     DEPLOY,
     EXTERNAL_METRICS,
     K8S_BASE,
@@ -36,6 +35,7 @@ from tests.deploy_support import (
     recorded_names,
     render_kustomize,
 )
+
 from worker.config import Settings
 
 K8S_VERSION = "1.30.0"

@@ -47,6 +47,7 @@ def test_ci_fuzz_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["ok"] and report["mutants"] == 48 == sum(report["outcomes"].values())
     assert report["crashes"] == 0 and report["hard_timeouts"] == 0 and report["over_budget"] == 0
+    assert report["internal_errors"] == 0, report["findings"]  # every refusal carries a real reason
     assert report["time_s"]["max"] <= report["hard_deadline_s"]
     assert 0 < report["decoder_peak_rss_mb"] < 1024
     # the corpus exercises both paths: mutants that still decode and mutants that are refused with a reason

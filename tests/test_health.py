@@ -1,23 +1,22 @@
-"""/metrics, /healthz and /readyz of a live worker; the exposition passes `promtool check metrics`."""
+"""/metrics, /healthz and /readyz of a live in-process worker (real pipeline and models, real Redis);
+the exposition passes `promtool check metrics`. The ``tagstream worker`` process's endpoints are
+exercised in tests/test_rq_worker.py and tests/test_prometheus_live.py."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from test_rq_worker import FakePipeline, FakeRequest, make_settings, media_files
+from worker_support import InProcessWorker, small_video, wait_for, worker_settings
 
 from worker.client import submit
 from worker.health import HealthServer
 from worker.metrics import Metrics
-from worker.rq_worker import TagWorker
 
 
 @pytest.fixture(scope="session")
@@ -42,25 +41,28 @@ def get(url: str) -> tuple[int, str]:
 
 def test_live_worker_metrics_and_health(redis_url, tmp_path, promtool):
     conn = redis.Redis.from_url(redis_url)
-    settings = make_settings(redis_url, tmp_path, heartbeat_interval_s=0.2)
-    for name, path in media_files(tmp_path, ["h1", "h2", "corrupt1"]).items():
+    settings = worker_settings(redis_url, [str(tmp_path)], heartbeat_interval_s=0.2)
+    good = small_video(tmp_path / "good.mp4")
+    (tmp_path / "corrupt.mp4").write_bytes(good.read_bytes()[:2000])
+    for name, path in (("h1", good), ("h2", good), ("corrupt1", tmp_path / "corrupt.mp4")):
         submit(conn, name, str(path), "", settings)
     metrics = Metrics()
-    worker = TagWorker(settings, conn, FakePipeline(0.1), model_version="fake", metrics=metrics,
-                       request_factory=FakeRequest)
+    live = InProcessWorker(settings, metrics=metrics)
+    worker = live.worker
+    assert metrics.track_gpu_memory("cpu") is False  # no GPU: no tagstream_gpu_memory_bytes series
     loaded = {"models": True}
     server = HealthServer("127.0.0.1", 0, metrics.registry, lambda: loaded["models"] and worker.redis_ok).start()
     base = f"http://127.0.0.1:{server.port}"
-    thread = threading.Thread(target=worker.work, daemon=True)
     try:
         assert get(base + "/healthz")[0] == 200
         assert get(base + "/readyz")[0] == 503  # worker not connected yet
-        thread.start()
-        deadline = time.monotonic() + 30
-        while metrics.videos.labels("tagged")._value.get() < 2 or metrics.videos.labels("failed")._value.get() < 1:
-            assert time.monotonic() < deadline, "worker did not finish the jobs"
-            time.sleep(0.1)
-        time.sleep(0.5)  # one more heartbeat: queue gauges
+        live.start()
+        value = metrics.registry.get_sample_value
+        wait_for(lambda: value("tagstream_videos_total", {"outcome": "tagged"}) == 2
+                 and value("tagstream_videos_total", {"outcome": "failed"}) == 1, 120, "the jobs")  # fmt: skip
+        # the heartbeat thread refreshes the queue gauges
+        wait_for(lambda: value("tagstream_queue_jobs", {"queue": "tagging", "state": "finished"}) == 2, 30,
+                 "queue gauges")  # fmt: skip
         assert get(base + "/readyz")[0] == 200
         loaded["models"] = False
         assert get(base + "/readyz")[0] == 503
@@ -79,9 +81,15 @@ def test_live_worker_metrics_and_health(redis_url, tmp_path, promtool):
         queue = {s.labels["state"]: s.value for s in families["tagstream_queue_jobs"].samples}
         assert queue["finished"] == 2 and queue["failed"] == 1 and queue["queued"] == 0
         assert families["tagstream_redis_up"].samples[0].value == 1
+        # the real pipeline's counters: 2 tagged videos x 2 sampled frames, no video left in flight
+        assert families["tagstream_frames"].samples[0].value == 4
+        assert families["tagstream_in_flight_videos"].samples[0].value == 0
+        batches = {s.labels["extractor"]: s.value for s in families["tagstream_batch_size"].samples
+                   if s.name == "tagstream_batch_size_sum"}
+        assert batches["image"] == 4 and batches["fusion"] == 2
+        assert families["tagstream_gpu_memory_bytes"].samples == []
         check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
-        worker.request_stop()
-        thread.join(30)
+        live.stop()
         server.stop()

@@ -96,17 +96,10 @@ def test_each_case_is_refused_with_its_reason_within_its_budget(world, isolated)
         assert pool.crashes == 0
 
 
-@pytest.fixture(scope="module")
-def models():
-    from worker.models import load_models
-
-    return load_models(Settings(device="cpu"))
-
-
-def test_worker_keeps_tagging_good_videos_among_hostile_ones(world, redis_url, models):
+def test_worker_keeps_tagging_good_videos_among_hostile_ones(world, redis_url):
     """The real rq worker and pipeline (isolation on, the default) with every hostile case and five good
     videos (three local files, a URL and a URL that redirects within the allowed host) in one queue."""
-    from test_rq_worker import statuses
+    from worker_support import shared_models, statuses
 
     from worker.client import submit
     from worker.keys import result_key
@@ -120,6 +113,7 @@ def test_worker_keeps_tagging_good_videos_among_hostile_ones(world, redis_url, m
     })  # fmt: skip
     assert settings.decode_isolation
     conn = redis.Redis.from_url(redis_url)
+    models = shared_models()
     jobs = {c.kind: c.uri for c in cases} | goods
     for i, (name, uri) in enumerate(jobs.items()):  # good videos spread through the queue
         submit(conn, name, uri, f"video {i}", settings)

@@ -1,9 +1,11 @@
-"""XADD intake bridged into the rq queue (real redis-server)."""
+"""XADD intake bridged into the rq queue (real redis-server): acknowledgement, idempotence, takeover
+of a dead consumer's entries, and the bridged jobs tagged by a real worker (real pipeline and
+models). The bridge running inside a ``tagstream worker`` process is in tests/test_rq_worker.py."""
 
 from __future__ import annotations
 
 import redis
-from test_rq_worker import make_settings, media_files, run_burst, statuses
+from worker_support import InProcessWorker, small_video, statuses, worker_settings
 
 from worker.client import tag_queue
 from worker.intake import UploadsBridge
@@ -12,8 +14,8 @@ from worker.keys import UPLOADS_GROUP, UPLOADS_STREAM, job_id_for
 
 def test_xadd_entries_become_jobs_once_and_are_acked(redis_url, tmp_path):
     conn = redis.Redis.from_url(redis_url)
-    settings = make_settings(redis_url, tmp_path)
-    files = media_files(tmp_path, ["u1", "u2"])
+    settings = worker_settings(redis_url, [str(tmp_path)])
+    files = {name: small_video(tmp_path / f"{name}.mp4") for name in ("u1", "u2")}
     conn.xadd(UPLOADS_STREAM, {"video_id": "u1", "uri": str(files["u1"]), "title": "first"})
     conn.xadd(UPLOADS_STREAM, {"video_id": "u2", "uri": str(files["u2"])})
     conn.xadd(UPLOADS_STREAM, {"video_id": "u1", "uri": str(files["u1"])})  # duplicate
@@ -26,14 +28,14 @@ def test_xadd_entries_become_jobs_once_and_are_acked(redis_url, tmp_path):
     assert conn.xpending(UPLOADS_STREAM, UPLOADS_GROUP)["pending"] == 0
     job = q.fetch_job(job_id_for("u1"))
     assert job.kwargs == {"uri": str(files["u1"]), "title": "first"}
-    run_burst(settings, conn)
+    InProcessWorker(settings).burst()
     assert statuses(conn, ["u1", "u2"]) == ["finished", "finished"]
 
 
 def test_entries_of_a_dead_consumer_are_claimed(redis_url, tmp_path):
     conn = redis.Redis.from_url(redis_url)
-    settings = make_settings(redis_url, tmp_path)
-    path = media_files(tmp_path, ["c1"])["c1"]
+    settings = worker_settings(redis_url, [str(tmp_path)])
+    path = tmp_path / "c1.mp4"  # the bridge never opens it
     UploadsBridge(conn, settings, consumer="setup").ensure_group()
     conn.xadd(UPLOADS_STREAM, {"video_id": "c1", "uri": str(path)})
     # a consumer reads the entry and dies before enqueueing / acking it

@@ -162,6 +162,58 @@ def test_image_batches_are_built_across_videos(media, models):
     assert shares / shares.sum() == pytest.approx(np.array([2, 4, 3]) / 9, abs=2e-3)
 
 
+def test_cpu_batches_run_in_slices_with_the_same_results(models):
+    from worker.batching import ExtractorRunner
+
+    image = RecordingImage(models.extractors.image)
+    extractors = dataclasses.replace(models.extractors, image=image)
+    frames = np.random.default_rng(5).integers(0, 256, (9, 224, 224, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        whole = ExtractorRunner(extractors, torch.device("cpu"), cpu_slices={}).extract("image", frames)
+        sliced = ExtractorRunner(extractors, torch.device("cpu"), cpu_slices={"image": 4}).extract("image", frames)
+    assert image.batches == [9, 4, 4, 1]
+    for a, b in zip(whole, sliced, strict=True):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-4)
+
+
+class SecondFinishesFirst:
+    """Wraps the image extractor: the first batch waits until the second one has finished."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.second_done = threading.Event()
+        self.finished: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, frames):
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        if call == 1:
+            self.second_done.wait(60)
+        out = self.inner(frames)
+        self.finished.append(call)
+        if call == 2:
+            self.second_done.set()
+        return out
+
+
+def test_concurrent_batches_finishing_out_of_order_keep_each_video_in_order(media, models):
+    with Pipeline(settings(inference_threads=1), models) as pipe:
+        serial = pipe.submit(VideoRequest("wide4", str(media["wide4"])), features_only=True).result(timeout=120)
+    image = SecondFinishesFirst(models.extractors.image)
+    cfg = settings(inference_threads=2, image_batch_size=2, batch_max_wait_s=60.0)
+    with Pipeline(cfg, with_image(models, image)) as pipe:
+        f = pipe.submit(VideoRequest("wide4", str(media["wide4"])), features_only=True).result(timeout=120)
+    assert image.finished[:2] == [2, 1]  # the second batch really finished first
+    assert np.array_equal(f.image_times, serial.image_times)
+    assert np.allclose(f.image, serial.image, atol=1e-4)
+
+
 def test_an_extractor_failure_is_isolated_to_its_video(media, models, tmp_path):
     import PIL.Image
     from media import image_video

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from deploy_support import ROOT, RULES, deploy_expressions, ensure_tool
+from media import make_video
 
-from tests.deploy_support import ROOT, RULES, deploy_expressions, ensure_tool
-from tests.media import make_video
 from worker.client import submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -168,10 +168,12 @@ def scene(redis_server, tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "wb"),
     )  # fmt: skip
     try:
-        tagged = [submit(connection, f"live-{i}", uri=str(media / f"v{i}.mp4"), title="a cat video") for i in range(VIDEOS)]
-        held_job = submit(connection, "live-held", uri=held.url, title="held")
-        s = Scene(redis_url, f"http://127.0.0.1:{prom_port}", worker_port, held_job, tagged)
-        _wait(lambda: s.query("up")["status"] == "success", 60, "Prometheus API", prom)
+        s = Scene(redis_url, f"http://127.0.0.1:{prom_port}", worker_port, "", [])
+        # Submit only once Prometheus scrapes the worker, so the counters' increase falls inside its samples.
+        _wait(lambda: s.value('up{job="tagstream-worker"}') == 1, 120, "Prometheus scraping the worker", prom)
+        s.tagged_jobs = [submit(connection, f"live-{i}", uri=str(media / f"v{i}.mp4"), title="a cat video")
+                         for i in range(VIDEOS)]  # fmt: skip
+        s.held_job = submit(connection, "live-held", uri=held.url, title="held")
         _wait(lambda: (s.value('sum(tagstream_videos_total{outcome="tagged"})') or 0) >= VIDEOS, 120,
               "the worker to tag the videos (seen by Prometheus)", worker)  # fmt: skip
         _wait(held.requested.is_set, 60, "the worker to open the held video", worker)

@@ -44,7 +44,8 @@ from worker.jobs import TagJob
 from worker.keys import TAGGED_STREAM, UPLOADS_GROUP, UPLOADS_STREAM, job_id_for, result_key
 from worker.local_redis import LocalRedis, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Model loads in three processes at once can take minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 LOAD_S = 300  # generous bound on a worker process's start-up (model load) on a busy 2-core machine
 RETRIES = 2
@@ -160,8 +161,9 @@ def test_xadd_intake_through_a_running_worker(scene):
 
 
 def test_redis_restarted_mid_run_every_job_completes(scene):
-    """Redis stops while four jobs are in flight and six wait: the worker reports not-ready, keeps
-    its in-flight work, and once Redis is back every job completes in place (no job runs twice)."""
+    """Redis stops while jobs are in flight (four of them held at their source) and others wait: the
+    worker reports not-ready, keeps tagging what it holds, and once Redis is back every job completes
+    in place (no job runs twice, no retry is spent)."""
     proc = scene.ready("a")
     conn = scene.conn
     settings = scene.settings("a")
@@ -176,23 +178,23 @@ def test_redis_restarted_mid_run_every_job_completes(scene):
     assert http_get(ready_url)[0] == 200
 
     total = ("tagstream_stage_duration_seconds_count", (("stage", "total"),))
-    done_before = scrape(scene.ports["a"])[total]
+    done_before = scrape(scene.ports["a"]).get(total, 0.0)
 
     scene.redis.stop()
     wait_for(lambda: http_get(ready_url)[0] == 503, 30, "not ready while Redis is down", proc)
     gate.set()  # the held videos are tagged while Redis is away; their results wait for it
-    wait_for(lambda: scrape(scene.ports["a"])[total] >= done_before + 4, 120, "held videos tagged", proc)
+    wait_for(lambda: scrape(scene.ports["a"]).get(total, 0.0) >= done_before + 4, 120, "held videos tagged", proc)
     scene.redis.start()
     conn = scene.conn = redis.Redis.from_url(scene.redis.url)
     names = list(held) + local
     wait_for(lambda: statuses(conn, names).count("finished") == len(names), 120, "every job finished", proc)
     wait_for(lambda: http_get(ready_url)[0] == 200, 30, "ready again", proc)
     assert proc.poll() is None  # the outage did not kill the worker
-    assert all(doc(conn, n)["status"] == "tagged" for n in names)
-    assert all(scene.server.requests(f"{n}.mp4") <= 2 for n in held)  # one attempt (video + audio opens)
-    assert all(fetch(conn, n).retries_left == RETRIES for n in names)  # no retry spent
-    metrics = scrape(scene.ports["a"])
-    assert metrics[("tagstream_redis_up", ())] == 1
+    assert {n: doc(conn, n).get("status") for n in names} == {n: "tagged" for n in names}
+    # one attempt each (a video and an audio open) and no retry spent
+    assert {n: scene.server.requests(f"{n}.mp4") for n in held} == {n: 2 for n in held}
+    assert {n: fetch(conn, n).retries_left for n in names} == {n: RETRIES for n in names}
+    assert scrape(scene.ports["a"]).get(("tagstream_redis_up", ())) == 1
 
 
 def test_sigterm_mid_batch_loses_nothing(scene):
@@ -228,7 +230,7 @@ def test_sigterm_mid_batch_loses_nothing(scene):
     for name in handed:
         assert fetch(conn, name).retries_left == RETRIES  # handing back spends no retry
     assert not [w for w in Worker.all(queue=queue) if w.name.startswith("proc-a")]  # unregistered
-    assert before[("tagstream_in_flight_videos", ())] >= 4
+    assert before.get(("tagstream_in_flight_videos", ()), 0) >= 4, before
 
     InProcessWorker(settings).burst()  # a second worker finishes what was handed back
     assert statuses(conn, names) == ["finished"] * len(names)
@@ -262,12 +264,13 @@ def test_sigkill_worker_jobs_finished_by_survivor(scene):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "queue qb 2, 4 executing" in info.stdout, info.stdout + info.stderr
 
+    survivor = InProcessWorker(settings, name="survivor")  # models loaded before the clock starts
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
     killed_at = time.monotonic()
     margin_s = 15.0  # running four small videos on a busy machine
     requeue_bound = settings.heartbeat_ttl_s + settings.maintenance_interval_s + 5.0
-    with InProcessWorker(settings, name="survivor") as survivor:
+    with survivor.start():
         # behavioural bounds: orphans requeued (one retry spent) within TTL + maintenance (+5 s of
         # slack), every job finished within that + margin_s; wait_for fails the test past either bound
         since_kill = lambda: time.monotonic() - killed_at  # noqa: E731

@@ -25,7 +25,7 @@ from worker.client import tag_queue
 from worker.config import Settings
 from worker.runner import add_arguments, child_flags, devices_for
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 def children_of(pid: int) -> list[int]:

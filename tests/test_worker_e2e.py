@@ -7,7 +7,8 @@ template, ``tagstream status``); duplicate enqueue -> one job, one result; 20 vi
 tagged while a corrupt video in the same batches fails alone with its reason; refused payloads
 (pickle, other function, callbacks, foreign job id, path outside the allowed roots, disallowed host,
 local playlist) never run; transient failures (HTTP 503, job timeout) retried and permanent ones
-(404) not; one slow video does not hold up the others. Processes (SIGKILL, SIGTERM, Redis restarts)
+(404) not; one slow video does not hold up the others; Redis passwords and ACL users from the URL.
+Processes (SIGKILL, SIGTERM, Redis restarts)
 are in tests/test_rq_worker.py.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from media import make_video
 from rq import Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
@@ -49,12 +51,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
-    """Four distinct good clips (2 s, 160x90, H.264 + AAC), a truncated file, a clip that decodes for
-    15 s and then hits garbage, and an HLS playlist pointing at a good clip."""
+    """Four distinct good clips (2 s, 160x90, H.264 + AAC), a truncated file without its index, a clip
+    that decodes for 15 s and then hits garbage, and an HLS playlist pointing at a good clip."""
     d = tmp_path_factory.mktemp("e2e_media")
     files = {f"good{i}": small_video(d / f"good{i}.mp4", pattern=("index", "busy")[i % 2]) for i in range(4)}
-    data = files["good0"].read_bytes()
-    (d / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    data = make_video(d / "moov_at_end.mp4", seconds=2.0, fps=10, size=(160, 90), audio="aac").read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])  # the moov box (at the end) is lost
     files["truncated"] = d / "truncated.mp4"
     long = small_video(d / "long.mp4", seconds=30.0, pattern="busy").read_bytes()
     half = len(long) // 2
@@ -309,3 +311,29 @@ def test_a_slow_video_does_not_hold_up_the_others(conn, redis_url, media):
     finally:
         gate.set()
         server.close()
+
+
+def test_password_and_acl_user_come_from_the_url(media):
+    """A Redis with a password on the default user and an ACL user: ``tagstream enqueue``, the worker
+    and ``tagstream status`` all authenticate from the URL alone."""
+    from worker.local_redis import LocalRedis
+
+    server = LocalRedis().start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser("tagger", enabled=True, passwords=["+tagger-pw"], keys=["*"], channels=["*"],
+                          commands=["+@all"])  # fmt: skip
+        admin.config_set("requirepass", "default-pw")
+        with pytest.raises(redis.RedisError):
+            redis.Redis.from_url(server.url).ping()  # no credentials: refused
+        acl_url = f"redis://tagger:tagger-pw@127.0.0.1:{server.port}/0"
+        password_url = f"redis://:default-pw@127.0.0.1:{server.port}/0"
+        enqueued = cli("enqueue", "secured", "--uri", str(media["good0"]), url=acl_url)
+        assert enqueued.returncode == 0 and "enqueued" in enqueued.stdout, enqueued.stderr
+        InProcessWorker(worker_settings(acl_url, [str(media["good0"].parent)])).burst()
+        shown = cli("status", "secured", url=password_url)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert status["job_status"] == "finished" and status["result"]["status"] == "tagged"
+    finally:
+        server.stop()

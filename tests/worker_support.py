@@ -216,13 +216,16 @@ def statuses(conn: redis.Redis, video_ids: list[str]) -> list[str | None]:
     return out
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """(status, body); connection errors are status 0."""
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """(status, body); connection errors and timeouts are status 0."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+        try:
+            return err.code, err.read().decode()
+        except OSError:
+            return err.code, ""
     except OSError:
         return 0, ""
 
@@ -291,6 +294,8 @@ class InProcessWorker:
         return self
 
     def start(self) -> InProcessWorker:
+        if self.thread is not None:
+            return self
         self.pipeline.start()
         self.thread = threading.Thread(target=self.worker.work, kwargs={"burst": False}, daemon=True)
         self.thread.start()

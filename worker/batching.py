@@ -19,7 +19,9 @@ Nothing here starts threads; the clock is passed in, so the semantics are unit-t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -229,6 +231,18 @@ class VideoAccumulator:
         return image, times, audio, text
 
 
+@dataclass
+class BatchResult:
+    """A computed batch not yet applied: ``out`` for the whole batch (``elapsed`` seconds), or, after the
+    whole batch failed, ``per_video`` entries ``(video, out | None, exception | None, seconds, items)``."""
+
+    name: str
+    batch: Batch
+    out: tuple | None = None
+    elapsed: float = 0.0
+    per_video: list[tuple[Any, tuple | None, BaseException | None, float, int]] = field(default_factory=list)
+
+
 def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu().numpy()
@@ -243,12 +257,25 @@ class ExtractorRunner:
     states, of which each video keeps its unpadded rows. On CUDA, frames and patches are copied from
     pinned host memory with ``non_blocking=True``. If the batch raises, each video's items are re-run
     alone; the videos that still fail are returned with their exception (nothing else is affected).
-    The caller holds ``torch.inference_mode``.
+
+    :meth:`compute` (the network; any thread, several at once) and :meth:`apply` (scatter into the
+    videos; the one thread that owns the accumulators) are split so batches can run concurrently while
+    their results are still applied in order; :meth:`run` does both.
+
+    On CPU, image and audio batches run through the network in slices of at most ``cpu_slices[name]``
+    items (default 16 frames, 32 patches), results concatenated: a CPU gains nothing from larger
+    batches (measured on EfficientNet-Lite0: 55 ms/frame CPU in slices of 16, 65 in one batch of 64),
+    while activation memory grows with the batch (+800 MB peak RSS for 64 frames at once, +230 MB in
+    slices of 16). Batches are still built across videos up to the configured sizes.
     """
 
-    def __init__(self, extractors: Any, device: torch.device) -> None:
+    CPU_SLICES = {"image": 16, "audio": 32}
+
+    def __init__(self, extractors: Any, device: torch.device, cpu_slices: dict[str, int] | None = None) -> None:
         self.extractors = extractors
         self.device = device
+        self.cpu_slices = dict(self.CPU_SLICES if cpu_slices is None else cpu_slices)
+        self._locks = {"text": threading.Lock()}
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -257,6 +284,13 @@ class ExtractorRunner:
         return tensor
 
     def extract(self, name: str, items: Any) -> tuple:
+        step = self.cpu_slices.get(name, 0) if self.device.type == "cpu" else 0
+        if step and len(items) > step:
+            parts = [self._extract(name, items[i : i + step]) for i in range(0, len(items), step)]
+            return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return self._extract(name, items)
+
+    def _extract(self, name: str, items: Any) -> tuple:
         ex = self.extractors
         if name == "image":
             features, logits = ex.image(self._to_device(items))
@@ -277,34 +311,52 @@ class ExtractorRunner:
             for i in range(a, b):
                 acc.set_text(states[i][mask[i]])
 
-    def run(self, name: str, batch: Batch) -> list[tuple[VideoAccumulator, BaseException]]:
-        """Extract, scatter, charge time shares; returns the videos that failed (after retries)."""
-        n = len(batch)
-        t0 = time.perf_counter()
-        try:
-            out = self.extract(name, batch.items)
-        except Exception as exc:  # noqa: BLE001 - isolate the video(s) that break the batch
-            log.warning("%s batch of %d items failed (%s); retrying per video", name, n, exc)
-            return self._retry_per_video(name, batch)
-        elapsed = time.perf_counter() - t0
-        for acc, a, b in batch.parts:
-            if not acc.finished:
-                self._scatter(name, acc, out, a, b)
-                acc.charge(name, elapsed * (b - a) / n)
-        return []
+    def compute(self, name: str, batch: Batch) -> BatchResult:
+        """Run the extractor on ``batch`` (whole, or per video after a failure); touches no video.
 
-    def _retry_per_video(self, name: str, batch: Batch) -> list[tuple[VideoAccumulator, BaseException]]:
-        failed: list[tuple[VideoAccumulator, BaseException]] = []
-        for acc in batch.owners():
-            if acc.finished:
-                continue
-            items, n = batch.subset(acc)
+        Safe to call from several threads at once (eval-mode networks under ``torch.inference_mode``;
+        text batches, whose tokenizer is not thread-safe, take a lock)."""
+        with self._locks.get(name, contextlib.nullcontext()), torch.inference_mode():
+            n = len(batch)
             t0 = time.perf_counter()
             try:
-                out = self.extract(name, items)
-            except Exception as exc:  # noqa: BLE001
+                return BatchResult(name, batch, self.extract(name, batch.items), time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - isolate the video(s) that break the batch
+                log.warning("%s batch of %d items failed (%s); retrying per video", name, n, exc)
+            result = BatchResult(name, batch)
+            for acc in batch.owners():
+                if acc.finished:
+                    continue
+                items, k = batch.subset(acc)
+                t0 = time.perf_counter()
+                try:
+                    result.per_video.append((acc, self.extract(name, items), None, time.perf_counter() - t0, k))
+                except Exception as exc:  # noqa: BLE001
+                    result.per_video.append((acc, None, exc, 0.0, k))
+            return result
+
+    def apply(self, result: BatchResult) -> list[tuple[VideoAccumulator, BaseException]]:
+        """Scatter a computed batch into its videos and charge their time shares (on the thread that owns
+        the accumulators); returns the videos that failed even alone."""
+        name, batch = result.name, result.batch
+        if result.out is not None:
+            n = len(batch)
+            for acc, a, b in batch.parts:
+                if not acc.finished:
+                    self._scatter(name, acc, result.out, a, b)
+                    acc.charge(name, result.elapsed * (b - a) / n)
+            return []
+        failed: list[tuple[VideoAccumulator, BaseException]] = []
+        for acc, out, exc, elapsed, k in result.per_video:
+            if acc.finished:
+                continue
+            if exc is not None:
                 failed.append((acc, exc))
                 continue
-            acc.charge(name, time.perf_counter() - t0)
-            self._scatter(name, acc, out, 0, n)
+            acc.charge(name, elapsed)
+            self._scatter(name, acc, out, 0, k)
         return failed
+
+    def run(self, name: str, batch: Batch) -> list[tuple[VideoAccumulator, BaseException]]:
+        """Extract, scatter, charge time shares; returns the videos that failed (after retries)."""
+        return self.apply(self.compute(name, batch))

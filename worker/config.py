@@ -34,9 +34,19 @@ class Settings(BaseSettings):
     )
     job_retries: int = Field(3, description="rq Retry count for transient failures and crashed workers.")
     job_timeout_s: float = Field(900.0, description="Wall-clock limit of one tag job.")
-    result_ttl_s: int = Field(7 * 86400, description="How long results and finished jobs are kept.")
-    failure_ttl_s: int = Field(7 * 86400, description="How long failed jobs are kept.")
-    tagged_stream_maxlen: int = Field(100_000, description="Approximate cap of tagstream:tagged.")
+    result_ttl_s: int = Field(
+        7 * 86400, ge=0,
+        description="Seconds tagstream:tags:{id} results, finished rq jobs and their rq results are kept "
+        "(rq job result_ttl; also the upper bound a worker applies to any job's own result_ttl).",
+    )  # fmt: skip
+    failure_ttl_s: int = Field(
+        7 * 86400, ge=0,
+        description="Seconds failed documents and failed rq jobs (failed registry) are kept (rq job "
+        "failure_ttl, whose rq default is one year; also the upper bound a worker applies).",
+    )  # fmt: skip
+    tagged_stream_maxlen: int = Field(
+        100_000, ge=1, description="Approximate cap (XADD MAXLEN ~) of the tagstream:tagged event stream."
+    )
 
     # --- worker lifecycle ---------------------------------------------------------------------------
     concurrency: int = Field(8, ge=1, description="K: jobs in flight per worker process.")
@@ -57,6 +67,9 @@ class Settings(BaseSettings):
     text_batch_size: int = Field(64, ge=1, description="Max titles per text-encoder batch.")
     fusion_batch_size: int = Field(32, ge=1, description="Max videos per fusion-model batch.")
     batch_max_wait_s: float = Field(0.02, ge=0, description="Max wait for a batch to fill.")
+    inference_threads: int = Field(
+        0, ge=0, description="Extractor batches run at once (0: the CPU count on CPU, 1 on GPU)."
+    )
 
     # --- sampling and decode limits -----------------------------------------------------------------
     fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
@@ -105,6 +118,12 @@ class Settings(BaseSettings):
 
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
+
+    def resolved_inference_threads(self, device_type: str) -> int:
+        """``inference_threads``, or for 0: the CPU count on a CPU device, 1 on an accelerator."""
+        if self.inference_threads:
+            return self.inference_threads
+        return (os.cpu_count() or 1) if device_type == "cpu" else 1
 
 
 def _flag(name: str) -> str:

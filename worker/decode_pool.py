@@ -257,8 +257,8 @@ class IsolatedSource:
         self.stats = DecodeStats()
         self._pool = pool
         self._done = False
+        self._proc = pool._acquire(uri)  # waits for a free, started child: not charged to the video
         self._deadline = time.monotonic() + limits.open_timeout_s + limits.decode_budget_s + pool.grace_s
-        self._proc = pool._acquire(uri)
         request = {"t": "decode", "uri": uri, "policy": asdict(policy), "limits": asdict(limits), "crop_size": crop_size,
                    "resize_short": resize_short, "chunk_frames": chunk_frames, "audio_chunk_s": audio_chunk_s,
                    "hwaccel": hwaccel, "decode_audio": decode_audio, "open": pool.open_spec}  # fmt: skip

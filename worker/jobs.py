@@ -10,13 +10,15 @@ Security (DESIGN.md section 7): :func:`refusal_of` inspects the *raw* job payloa
 it: it must be JSON naming exactly :data:`worker.keys.JOB_FUNCTION` with valid arguments and no
 callbacks. :class:`TagJob` is the job class workers and maintenance use; its callback properties
 never import anything and webhooks are never sent, so not even rq's own maintenance can be made to
-run a function named in a job hash.
+run a function named in a job hash. Loading the job hash itself is bounded and made robust by
+:mod:`worker.payload_guard` (oversized hashes and payloads, zlib bombs, malformed fields: refused with
+``invalid_job``; titles with invalid Unicode or control characters: sanitised, and noted in the
+result's ``input_warnings``).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +32,21 @@ from rq.job import Job
 from worker.config import Settings
 from worker.errors import InvalidJobError, MediaTimeoutError, ShutdownError, TagstreamError
 from worker.keys import JOB_FUNCTION, job_id_for
+from worker.payload_guard import (
+    MAX_JOB_HASH_BYTES,
+    MAX_TITLE_CHARS,
+    MAX_VIDEO_ID_CHARS,
+    check_uri,
+    check_video_id,
+    clean_title,
+    hash_size,
+    load_json,
+    minimal_hash,
+    restore_safely,
+)
 
-MAX_VIDEO_ID_CHARS = 512
-MAX_TITLE_CHARS = 4096
+__all__ = ["MAX_TITLE_CHARS", "MAX_URI_CHARS", "MAX_VIDEO_ID_CHARS", "TagArgs", "TagJob", "parse_payload",
+           "refusal_of", "resolve_uri", "tag_video"]
 MAX_URI_CHARS = 4096
 
 
@@ -42,7 +56,25 @@ class TagJob(Job):
     Interpretation: callbacks (``on_success``/``on_failure``/``on_stopped``) and webhooks are rq
     features a queue writer could abuse to run code or make requests from a worker; the tag job uses
     none of them, so they are disabled here rather than checked.
+
+    Loading goes through :mod:`worker.payload_guard`; ``malformed`` says why a job hash could not be
+    trusted (None when it is fine).
     """
+
+    malformed: str | None = None
+
+    def refresh(self) -> None:
+        size = hash_size(self.connection, self.key)
+        if size is not None and size > MAX_JOB_HASH_BYTES:  # do not load it: keep what failing it needs
+            values = self.connection.hmget(self.key, ["origin", "description"])
+            super().restore(minimal_hash({k: v for k, v in zip(("origin", "description"), values, strict=True) if v}))
+            self.data = b""
+            self.malformed = f"job hash of {size} bytes exceeds {MAX_JOB_HASH_BYTES}"
+            return
+        super().refresh()
+
+    def restore(self, raw_data: Any) -> None:
+        restore_safely(self, raw_data, super().restore)
 
     @property
     def func(self) -> Callable[..., Any]:
@@ -73,6 +105,7 @@ class TagArgs:
     video_id: str
     uri: str | None
     title: str
+    notes: tuple[str, ...] = ()  # what sanitising changed (see worker.payload_guard.clean_title)
 
 
 def _bind_args(args: Any, kwargs: Any) -> TagArgs:
@@ -83,25 +116,16 @@ def _bind_args(args: Any, kwargs: Any) -> TagArgs:
     except TypeError as exc:
         raise InvalidJobError(f"bad arguments for {JOB_FUNCTION}: {exc}") from None
     bound.apply_defaults()
-    video_id, uri, title = bound.arguments["video_id"], bound.arguments["uri"], bound.arguments["title"]
-    if not isinstance(video_id, str) or not video_id or len(video_id) > MAX_VIDEO_ID_CHARS:
-        raise InvalidJobError("video_id must be a non-empty string")
-    if uri is not None and (not isinstance(uri, str) or len(uri) > MAX_URI_CHARS):
-        raise InvalidJobError("uri must be a string or null")
-    if title is None:
-        title = ""
-    if not isinstance(title, str):
-        raise InvalidJobError("title must be a string")
-    return TagArgs(video_id=video_id, uri=uri or None, title=title[:MAX_TITLE_CHARS])
+    video_id = check_video_id(bound.arguments["video_id"])
+    uri = check_uri(bound.arguments["uri"], MAX_URI_CHARS)
+    title, notes = clean_title(bound.arguments["title"])
+    return TagArgs(video_id=video_id, uri=uri, title=title, notes=tuple(notes))
 
 
 def parse_payload(raw: bytes | str) -> TagArgs:
     """Parse an rq job ``data`` field (already zlib-decompressed) as a tag job, or raise
-    :class:`InvalidJobError`. Only ``json.loads`` ever touches the bytes."""
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidJobError("job payload is not JSON (only rq's JSONSerializer is accepted)") from None
+    :class:`InvalidJobError`. Only ``json.loads`` ever touches the bytes (at most 64 KiB of them)."""
+    payload = load_json(raw)
     if not isinstance(payload, list) or len(payload) != 4:
         raise InvalidJobError("job payload is not an rq job tuple")
     func_name, instance, args, kwargs = payload
@@ -117,6 +141,8 @@ def refusal_of(job: Job) -> InvalidJobError | None:
 
     Checks the raw payload, the absence of callbacks, and that the job id is the one derived from
     the video id (so one video cannot be enqueued under several ids)."""
+    if getattr(job, "malformed", None):
+        return InvalidJobError(job.malformed)
     try:
         args = parse_payload(job.data)
     except InvalidJobError as exc:
@@ -212,5 +238,7 @@ def tag_video(video_id: str, uri: str | None = None, title: str = "") -> dict:
     document = _wait(future, deadline + 1.0, runtime.hand_back)
     if not isinstance(document, dict):
         raise TagstreamError("pipeline returned no document")
+    if args.notes:
+        document["input_warnings"] = list(args.notes)
     runtime.sink.write(document)
     return document

@@ -295,7 +295,8 @@ def open_input(uri: str, *, open_timeout_s: float, read_timeout_s: float, max_fi
     """
     policy = current_policy()
     options = {"format_whitelist": ",".join(ALLOWED_FORMATS)}
-    kwargs: dict = {"timeout": (open_timeout_s, read_timeout_s)}
+    # metadata is whatever the file says: invalid UTF-8 in a tag must not make opening fail (found by fuzzing)
+    kwargs: dict = {"timeout": (open_timeout_s, read_timeout_s), "metadata_errors": "replace"}
     if hwaccel is not None:
         kwargs["hwaccel"] = hwaccel
     if is_url(uri):

@@ -10,12 +10,19 @@ Threads (DESIGN.md section 2):
   it spends blocked is *not* counted as decode time.
 * One **batcher thread** owns every :class:`~worker.batching.VideoAccumulator`. It fills three
   :class:`~worker.batching.SizeOrWaitBuffer` s with the items of *all* in-flight videos (frames: up to
-  ``image_batch_size``, audio patches: ``audio_batch_size``, titles: ``text_batch_size``; each runs
-  when full or when its oldest item has waited ``batch_max_wait_s``), runs the extractors under
-  ``torch.inference_mode`` through :class:`~worker.batching.ExtractorRunner` (on CUDA from pinned host
-  memory with non-blocking copies), scatters results
-  back per video, and runs the fusion ``Tagger`` over up to ``fusion_batch_size`` videos whose decode
-  has finished and whose features are all in. Then it resolves the video's future.
+  ``image_batch_size``, audio patches: ``audio_batch_size``, titles: ``text_batch_size``; each is due
+  when full or when its oldest item has waited ``batch_max_wait_s``), hands due batches to the
+  **inference threads**, scatters their results back per video *in the order the batches were taken*
+  (so a video's frames stay in order), and runs the fusion ``Tagger`` over up to ``fusion_batch_size``
+  videos whose decode has finished and whose features are all in. Then it resolves the video's future.
+* ``settings.resolved_inference_threads()`` **inference threads** run up to that many extractor
+  batches at once under ``torch.inference_mode`` through :class:`~worker.batching.ExtractorRunner` (on
+  CUDA from pinned host memory with non-blocking copies). While they are all busy, due items wait in
+  their buffers, so batches grow towards their maximum instead of queueing. On CPU with more than one
+  inference thread, torch's intra-op threads are set to 1 for the pipeline's lifetime (process-wide;
+  restored by :meth:`Pipeline.stop`): independent batches on single-threaded kernels keep every core
+  busy without OpenMP teams of several threads competing for cores with each other and with the
+  decoders (measured on 2 cores: intra-op parallelism stalls whenever a decoder holds a core).
 
 Decoder isolation (``decode_isolation``, default on): each decode thread decodes through a
 supervised child process of a :class:`~worker.decode_pool.DecodePool` (one child per thread), so a
@@ -43,8 +50,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +120,10 @@ class Pipeline:
             "text": SizeOrWaitBuffer("text", settings.text_batch_size, wait),
         }
         self._runner = ExtractorRunner(models.extractors, self.device)
+        self._inference_n = settings.resolved_inference_threads(self.device.type)
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: deque[tuple[str, Batch, Future]] = deque()  # taken order = apply order
+        self._torch_threads: int | None = None  # torch's intra-op threads before start(), if changed
         self._lock = threading.Lock()
         self._active: set[VideoAccumulator] = set()
         self._stopping = threading.Event()
@@ -137,6 +149,10 @@ class Pipeline:
             t = threading.Thread(target=self._decode_loop, name=f"tagstream-decode-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.device.type == "cpu" and self._inference_n > 1:
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        self._executor = ThreadPoolExecutor(self._inference_n, thread_name_prefix="tagstream-infer")
         t = threading.Thread(target=self._batch_loop, name="tagstream-batcher", daemon=True)
         t.start()
         self._threads.append(t)
@@ -156,6 +172,11 @@ class Pipeline:
             log.warning("pipeline threads still running after stop: %s", alive)
         if getattr(self, "_decode_pool", None) is not None:
             self._decode_pool.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
 
     def __enter__(self) -> Pipeline:
         self.start()
@@ -311,17 +332,20 @@ class Pipeline:
         next_check = 0.0
         while not self._stopping.is_set():
             now = time.monotonic()
-            waits = [w for b in self._buffers.values() if (w := b.time_left(now)) is not None]
+            waits = []
+            if len(self._inflight) < self._inference_n:  # a due batch can only start with a free thread
+                waits = [w for b in self._buffers.values() if (w := b.time_left(now)) is not None]
             timeout = min([_POLL_S, *waits])
             try:
                 event = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
                 self._handle(event, ready)
             except queue.Empty:
                 pass
+            self._apply_done(ready)
             now = time.monotonic()
             for name, buf in self._buffers.items():
-                while buf.due(now):
-                    self._run_batch(name, buf.take(), ready)
+                while buf.due(now) and len(self._inflight) < self._inference_n:
+                    self._submit_batch(name, buf.take())
                     now = time.monotonic()
             if now >= next_check:
                 next_check = now + _POLL_S
@@ -335,7 +359,7 @@ class Pipeline:
 
     def _handle(self, event: tuple, ready: list[VideoAccumulator]) -> None:
         kind, acc = event[0], event[1]
-        if acc.finished:
+        if kind == "wake" or acc.finished:  # "wake": an inference batch finished
             return
         now = time.monotonic()
         if kind == "start":
@@ -377,16 +401,37 @@ class Pipeline:
             self._fail(acc, MediaTimeoutError("the video's deadline passed"))
 
     # --- extractor batches ----------------------------------------------------------------------------
-    def _run_batch(self, name: str, batch: Batch, ready: list[VideoAccumulator]) -> None:
+    def _wake(self, _future: Future) -> None:
+        """Done-callback of an inference batch: wake the batcher (a full event queue wakes it anyway)."""
+        try:
+            self._events.put_nowait(("wake", None))
+        except queue.Full:
+            pass
+
+    def _submit_batch(self, name: str, batch: Batch) -> None:
         if self.metrics is not None:
             self.metrics.batch_size.labels(name).observe(len(batch))
-        failures = self._runner.run(name, batch)
-        for acc, exc in failures:
-            self._drop(acc)
-            self._fail(acc, _as_error(exc, acc.request.video_id))
-        for acc in batch.owners():
-            if acc.complete() and acc not in ready:
-                ready.append(acc)
+        assert self._executor is not None
+        future = self._executor.submit(self._runner.compute, name, batch)
+        self._inflight.append((name, batch, future))
+        future.add_done_callback(self._wake)
+
+    def _apply_done(self, ready: list[VideoAccumulator]) -> None:
+        """Apply finished batches in the order they were taken (a later one waits for an earlier one)."""
+        while self._inflight and self._inflight[0][2].done():
+            name, batch, future = self._inflight.popleft()
+            try:
+                failures = self._runner.apply(future.result())
+            except CancelledError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - not an extractor error (those are caught): fail the batch
+                failures = [(acc, exc) for acc in batch.owners()]
+            for acc, exc in failures:
+                self._drop(acc)
+                self._fail(acc, _as_error(exc, acc.request.video_id))
+            for acc in batch.owners():
+                if acc.complete() and acc not in ready:
+                    ready.append(acc)
 
     # --- fusion and results -----------------------------------------------------------------------------
     def _features(self, acc: VideoAccumulator) -> VideoFeatures:

@@ -13,7 +13,10 @@ Maintenance every ``maintenance_interval_s`` (rq's ``clean_registries``, worker 
 intermediate queue, under a lock that expires after two intervals so a killed worker cannot block it
 for rq's 15 minutes): a dead worker's executions expire ``heartbeat_ttl_s`` after its last beat and are
 retried (one retry spent) by whichever worker runs maintenance next, so recovery takes about
-``heartbeat_ttl_s + maintenance_interval_s`` plus the job's run time (defaults: 20 + 10 s).
+``heartbeat_ttl_s + maintenance_interval_s`` plus the job's run time (defaults: 20 + 10 s). The
+retried job goes to the front of the queue. A job whose worker died between dequeue and start waits
+in the intermediate list ``heartbeat_ttl_s`` (rq: 60 s) plus up to two maintenance intervals
+(:mod:`worker.rq_maintenance`).
 
 Failures: before anything of rq runs, :func:`worker.jobs.refusal_of` inspects the raw payload; a job
 that is not exactly the tag job is failed with reason ``invalid_job`` and never executed. Permanent
@@ -26,7 +29,11 @@ Shutdown: the first SIGTERM/SIGINT stops dequeuing and lets in-flight jobs finis
 ``cleanup_execution`` + ``enqueue_job(at_front=True)``). A second signal hands back at once.
 
 Redis outages: the loop, heartbeats, bridge and result writes catch connection errors and back off
-(0.1 s doubling up to 4 s); in-flight work continues, results are written when Redis returns.
+(0.1 s doubling up to 4 s); in-flight work continues, results are written when Redis returns. Every
+heartbeat TTL lapses during an outage longer than ``heartbeat_ttl_s``, so after Redis returns a worker
+waits until a call succeeds and then ``heartbeat_ttl_s`` more before collecting orphans (live workers
+renew their executions meanwhile); without that wait, the first maintenance after the outage re-ran
+every in-flight job (tests/test_chaos.py: all 4 jobs in flight during a 10 s outage ran twice).
 
 At-least-once: a worker paused longer than the heartbeat TTL may see its job re-run elsewhere and
 still finish it. We accept that instead of checking registration before finalising: result writes are
@@ -47,13 +54,12 @@ from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job
-from rq.registry import StartedJobRegistry, clean_registries
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.suspension import is_suspended
 from rq.timeouts import BaseDeathPenalty
 from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
-from rq.worker_registration import clean_worker_registry
 
 from worker import jobs
 from worker.config import Settings
@@ -64,6 +70,11 @@ from worker.result import failed_document
 from worker.sink import REDIS_ERRORS, ResultSink, retry_redis
 
 log = logging.getLogger(__name__)
+
+
+def bounded_ttl(ttl: int | None, limit: int) -> int:
+    """``ttl`` if it is set and within ``0..limit``, else ``limit``."""
+    return limit if ttl is None or ttl < 0 or ttl > limit else int(ttl)
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -115,6 +126,8 @@ class TagWorker(BaseWorker):
         self._errors: dict[str, BaseException] = {}
         self._handed_back = 0
         self.redis_ok = False
+        self._redis_down_since: float | None = None
+        self._redis_back_at: float | None = None
         self.jobs_started = 0
         self.sink = ResultSink(connection, settings, give_up=self.give_up, metrics=metrics)
         self.runtime = jobs.JobRuntime(settings=settings, pipeline=pipeline, sink=self.sink, hand_back=threading.Event(),
@@ -122,6 +135,11 @@ class TagWorker(BaseWorker):
 
     # --- small helpers ---------------------------------------------------------------------------
     def _redis_state(self, up: bool) -> None:
+        if not up and self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+        elif up and self._redis_down_since is not None:
+            self._redis_down_since = None
+            self._redis_back_at = time.monotonic()
         self.redis_ok = up
         if self.metrics is not None:
             self.metrics.redis_up.set(1 if up else 0)
@@ -141,21 +159,31 @@ class TagWorker(BaseWorker):
         if reason:
             self.metrics.errors.labels(reason).inc()
 
+    def _after_outage_grace(self) -> bool:
+        """While Redis is away and for ``heartbeat_ttl_s`` after it returns: every execution's TTL ran
+        out meanwhile, and live workers need one heartbeat to renew theirs (see module docstring)."""
+        if self._redis_down_since is not None:  # no call has succeeded since the last failure
+            return True
+        back = self._redis_back_at
+        return back is not None and time.monotonic() - back < self.settings.heartbeat_ttl_s
+
     def in_flight(self) -> int:
         with self._lock:
             return len(self._threads)
 
     # --- rq overrides ----------------------------------------------------------------------------
+    def _set_ip_address(self, connection: redis.Redis) -> None:
+        """rq's constructor names the connection in Redis; a worker started while Redis is away waits
+        for it (backing off) instead of dying (found by scripts/chaos.py restarting Redis)."""
+        retry_redis(lambda: super(TagWorker, self)._set_ip_address(connection), what="naming the Redis connection")
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Always ``heartbeat_ttl_s``: rq's version goes negative once a job outlives its timeout."""
         return max(1, int(self.settings.heartbeat_ttl_s))
 
     def prepare_execution(self, job: Job) -> Execution:
-        """Register the execution *and* start the job in one MULTI (rq does it in two steps, the second
-        in the job's thread): a worker killed in between would leave the job in the intermediate list
-        with status ``queued``, which rq's maintenance only retries after a hard-coded 60 s. Done here,
-        a killed worker's job is either still only in the intermediate list (a window of one round
-        trip after BLMOVE) or fully started, and then recovered after ``heartbeat_ttl_s``."""
+        """Register the execution *and* start the job in one MULTI (rq: two steps, the second in the
+        job's thread; a kill in between left the job ``queued`` in the intermediate list for 60 s)."""
         with self.connection.pipeline() as pipe:
             ttl = self.get_heartbeat_ttl(job)
             execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
@@ -164,7 +192,9 @@ class TagWorker(BaseWorker):
             job.heartbeat(now(), ttl, pipeline=pipe)
             job.prepare_for_execution(self.name, pipeline=pipe)
             pipe.persist(job.key)
-            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            intermediate = Queue(job.origin, connection=self.connection).intermediate_queue_key
+            pipe.lrem(intermediate, 1, job.id)
+            pipe.hdel(f"{intermediate}:first_seen", job.id)  # see worker.rq_maintenance
             pipe.execute()
         self.executions[execution.id] = execution
         job._tagstream_prepared = True  # type: ignore[attr-defined]
@@ -260,23 +290,12 @@ class TagWorker(BaseWorker):
         self.handle_job_failure(job, queue, queue.started_job_registry, f"InvalidJobError: {error}", execution)
 
     def clean_registries(self) -> None:
-        """rq's maintenance with a lock that expires after two intervals (rq's own: 899 s)."""
+        """rq's maintenance with bounded lock and intermediate-list waits (:mod:`worker.rq_maintenance`)."""
+        from worker.rq_maintenance import maintain_queue
+
         for queue in self.queues:
-            lock_s = max(2, int(2 * self.settings.maintenance_interval_s))
-            if not self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_s):
-                continue
-            try:
-                registry = queue.started_job_registry
-                expired = registry.get_expired_job_ids()
-                clean_registries(queue, self._exc_handlers)
-                clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(self, queue)
-                if expired:
-                    log.warning("collected %d orphaned job(s): %s", len(expired), ", ".join(expired[:10]))
-                    if self.metrics is not None:
-                        self.metrics.orphans_recovered.inc(len(expired))
-            finally:
-                queue.release_maintenance_lock()
+            maintain_queue(self, queue, maintenance_interval_s=self.settings.maintenance_interval_s,
+                           stuck_after_s=self.settings.heartbeat_ttl_s, metrics=self.metrics)  # fmt: skip
         self.last_cleaned_at = now()
 
     # --- threads ---------------------------------------------------------------------------------
@@ -372,6 +391,10 @@ class TagWorker(BaseWorker):
             return None
 
     def _start(self, job: Job, queue: Queue) -> None:
+        # A job's own TTLs may be shorter than the configured ones, never longer, missing (rq's
+        # default keeps failed jobs a year) or infinite (-1): Redis memory stays bounded.
+        job.result_ttl = bounded_ttl(job.result_ttl, self.settings.result_ttl_s)
+        job.failure_ttl = bounded_ttl(job.failure_ttl, self.settings.failure_ttl_s)
         execution = self._retry(lambda: self.prepare_execution(job), f"registering job {job.id}")
         thread = threading.Thread(target=self._run_job, args=(job, queue, execution), name=f"job-{job.id}",
                                   daemon=True)
@@ -405,9 +428,11 @@ class TagWorker(BaseWorker):
                     log.info("started %d jobs (max_jobs): recycling", self.jobs_started)
                     break
                 try:
-                    if self.should_run_maintenance_tasks:
+                    if self.should_run_maintenance_tasks and not self._after_outage_grace():
                         self.clean_registries()
-                    if is_suspended(self.connection, self):
+                    suspended = is_suspended(self.connection, self)
+                    self._redis_state(True)
+                    if suspended:
                         self.stopping.wait(1.0)
                         continue
                     if not self.slots.acquire(timeout=0.5):

@@ -4,7 +4,8 @@ Start-up order: metrics/health server (``/healthz`` answers at once, ``/readyz``
 pipeline, then the rq worker (:class:`worker.rq_worker.TagWorker`) and the uploads bridge thread.
 ``/readyz`` turns 200 once models are loaded and Redis answers. On CUDA the worker exports
 ``tagstream_gpu_memory_bytes`` (see :meth:`worker.metrics.Metrics.track_gpu_memory`). SIGTERM/SIGINT
-before the rq worker runs (while models load) exit at once with status 0: nothing is in flight yet.
+before the rq worker runs (while models load) exit with status 0: nothing is in flight yet
+(:class:`EarlyStop`).
 
 ``--gpus`` makes this process a supervisor (:class:`Supervisor`) that runs one worker process per GPU:
 
@@ -22,9 +23,9 @@ environment are passed through. Children run in their own session, so a terminal
 only the supervisor, which forwards each SIGTERM/SIGINT it gets to every child (the first starts the
 children's graceful shutdown, a second hands their jobs back at once); on Linux a child also gets
 SIGTERM if the supervisor dies. A child that exits while the supervisor is not stopping is restarted
-(a ``max_jobs`` recycle, a crash, the OOM killer), after a back-off of 1 s doubling up to 30 s while
-it keeps dying within :data:`QUICK_EXIT_S` of its start; after :data:`MAX_QUICK_EXITS` such quick
-deaths in a row the supervisor stops the others and exits with the child's status (a configuration
+(a ``max_jobs`` recycle at once; a crash or the OOM killer after 1 s, doubling up to 30 s while it
+keeps failing within :data:`QUICK_EXIT_S` of its start); after :data:`MAX_QUICK_EXITS` such quick
+failures in a row the supervisor stops the others and exits with the child's status (a configuration
 error should not loop forever). In ``--burst`` mode a child that exits 0 is done. The supervisor
 exits with the worst status of its children's last runs (0 when all stopped cleanly).
 """
@@ -189,14 +190,15 @@ class Supervisor:
         if self.stopping.is_set() or (self.settings.burst and code == 0):
             child.done = True
             return
-        child.quick_exits = child.quick_exits + 1 if uptime < QUICK_EXIT_S else 0
+        # a clean exit (a max_jobs recycle) is restarted at once and never counts as a crash
+        child.quick_exits = child.quick_exits + 1 if code != 0 and uptime < QUICK_EXIT_S else 0
         if child.quick_exits >= MAX_QUICK_EXITS:
             log.error("worker %d died %d times within %.0f s of starting (last status %s): giving up",
                       child.index, child.quick_exits, QUICK_EXIT_S, code)  # fmt: skip
             child.done = True
             self.forward(signal.SIGTERM)
             return
-        delay = min(MAX_BACKOFF_S, 2.0 ** max(0, child.quick_exits - 1)) if child.quick_exits else 1.0
+        delay = min(MAX_BACKOFF_S, 2.0 ** (child.quick_exits - 1)) if child.quick_exits else (0.0 if code == 0 else 1.0)
         log.warning("worker %d (pid %d) exited with status %s after %.0f s; restarting in %.0f s",
                     child.index, child.process.pid if child.process else -1, code, uptime, delay)  # fmt: skip
         child.restarts += 1
@@ -240,18 +242,21 @@ class Supervisor:
 
 
 # --- one worker ------------------------------------------------------------------------------------
-class StopBeforeStart(BaseException):
-    """SIGTERM/SIGINT arrived before the rq worker took over signal handling. A ``BaseException``
-    (like ``KeyboardInterrupt``) so the ``except Exception`` blocks of libraries being imported while
-    models load do not swallow it."""
+class EarlyStop:
+    """SIGTERM/SIGINT handler until the rq worker installs its own. While models load (``hard``) it
+    exits the process at once with status 0: nothing is in flight or registered yet, and raising
+    into the imports under way (torch, numpy) can leave them half-initialised instead of stopping.
+    Afterwards it only records the request, which :func:`run_worker` checks before starting work."""
 
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.hard = True
 
-_early_stop = threading.Event()
-
-
-def _stop_early(signum: int, frame: Any) -> None:
-    _early_stop.set()  # in case a bare ``except`` swallows the exception below
-    raise StopBeforeStart(signal.Signals(signum).name)
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested.set()
+        if self.hard:
+            os.write(2, f"{signal.Signals(signum).name} while loading models: exiting\n".encode())
+            os._exit(0)
 
 
 def run_worker(
@@ -269,10 +274,10 @@ def run_worker(
         worker = state["worker"]
         return bool(state["models"] and worker is not None and worker.redis_ok)
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # the rq worker installs its own handlers when it starts
-        signal.signal(signal.SIGTERM, _stop_early)
-        signal.signal(signal.SIGINT, _stop_early)
+    early = EarlyStop()
+    if threading.current_thread() is threading.main_thread():  # the rq worker installs its own later
+        signal.signal(signal.SIGTERM, early)
+        signal.signal(signal.SIGINT, early)
     health = pipeline = None
     try:
         if settings.metrics_port:
@@ -292,6 +297,7 @@ def run_worker(
         ).set(1)  # fmt: skip
         if metrics.track_gpu_memory(getattr(models, "device", "cpu")):
             log.info("exporting GPU memory of %s", models.device)
+        early.hard = False  # from here on, a stop request is honoured by returning normally
         pipeline = Pipeline(settings, models, metrics)
         pipeline.start()
         state["models"] = True
@@ -301,23 +307,21 @@ def run_worker(
         )
         state["worker"] = worker
         metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
+        if early.requested.is_set():
+            log.info("stop requested during start-up: exiting (nothing was in flight)")
+            return 0
         stop_bridge = threading.Event()
         bridge_thread = None
         if bridge:
             uploads = UploadsBridge(connection, settings, consumer=worker.name)
             bridge_thread = threading.Thread(target=uploads.run, args=(stop_bridge,), name="uploads-bridge", daemon=True)
             bridge_thread.start()
-        if _early_stop.is_set():
-            raise StopBeforeStart("stop requested")
         try:
             worker.work()
         finally:
             stop_bridge.set()
             if bridge_thread is not None:
                 bridge_thread.join(timeout=5)
-        return 0
-    except StopBeforeStart as stop:
-        log.info("%s during start-up: exiting (nothing was in flight)", stop)
         return 0
     finally:
         if pipeline is not None:

@@ -215,7 +215,8 @@ class _Gops:
 
 def _plan_seek(g: _Gops, targets: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, bool]:
     """Greedy per target: the nearest frame, or a keyframe within ``tol`` when that decodes fewer
-    packets; chosen frames strictly increase in time. Returns (send mask, aims, keyframes only)."""
+    packets; chosen frames increase in time (strictly where the frame rate allows). Returns (send mask,
+    aims, keyframes only)."""
     send = np.zeros(g.n, bool)
     aims = np.empty(len(targets))
     near = nearest_indices(g.display_t, targets)
@@ -224,8 +225,8 @@ def _plan_seek(g: _Gops, targets: np.ndarray, tol: float) -> tuple[np.ndarray, n
     only_keys = True
     for j, target in enumerate(targets):
         f = int(near[j])
-        while g.display_t[f] <= last_t and f + 1 < g.n:
-            f += 1
+        while g.display_t[f] <= last_t and f + 1 < g.n and abs(g.display_t[f + 1] - target) <= tol + 1e-9:
+            f += 1  # a frame of its own when one is within the tolerance (else the previous one again)
         i = int(g.order[f])
         need = g.needed(i)
         options = [(int(np.count_nonzero(~send[need])), 1, i, need)]
