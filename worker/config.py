@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING or ERROR.")
 
     # --- batching -----------------------------------------------------------------------------------
-    image_batch_size: int = Field(64, ge=1, description="Max frames per image-extractor batch (across videos).")
+    image_batch_size: int = Field(
+        0, ge=0, description="Max frames per image-extractor batch, across videos (0: 64 on GPU, 8 on CPU)."
+    )
     audio_batch_size: int = Field(128, ge=1, description="Max 0.96 s audio patches per audio-extractor batch.")
     text_batch_size: int = Field(64, ge=1, description="Max titles per text-encoder batch.")
     fusion_batch_size: int = Field(32, ge=1, description="Max videos per fusion-model batch.")
@@ -118,6 +120,15 @@ class Settings(BaseSettings):
 
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
+
+    def resolved_image_batch_size(self, device_type: str) -> int:
+        """``image_batch_size``, or for 0: 64 on an accelerator, 8 on CPU. On CPU a large batch gains
+        nothing per frame (the extractor runs it in micro-batches of 4 anyway) and holds one inference
+        thread for a long time while the others idle; measured with ``scripts/bench_worker.py`` on 2 cores,
+        8 against 64 took the worker from 1.9x to 2.4x the naive baseline (BENCHMARKS.md "Worker")."""
+        if self.image_batch_size:
+            return self.image_batch_size
+        return 8 if device_type == "cpu" else 64
 
     def resolved_inference_threads(self, device_type: str) -> int:
         """``inference_threads``, or for 0: the CPU count on a CPU device, 1 on an accelerator."""

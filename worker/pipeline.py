@@ -10,7 +10,7 @@ Threads (DESIGN.md section 2):
   it spends blocked is *not* counted as decode time.
 * One **batcher thread** owns every :class:`~worker.batching.VideoAccumulator`. It fills three
   :class:`~worker.batching.SizeOrWaitBuffer` s with the items of *all* in-flight videos (frames: up to
-  ``image_batch_size``, audio patches: ``audio_batch_size``, titles: ``text_batch_size``; each is due
+  ``resolved_image_batch_size()``, audio patches: ``audio_batch_size``, titles: ``text_batch_size``; each is due
   when full or when its oldest item has waited ``batch_max_wait_s``), hands due batches to the
   **inference threads**, scatters their results back per video *in the order the batches were taken*
   (so a video's frames stay in order), and runs the fusion ``Tagger`` over up to ``fusion_batch_size``
@@ -115,7 +115,7 @@ class Pipeline:
         self._events: queue.Queue[tuple] = queue.Queue(maxsize=2 * self._threads_n + 8)
         wait = settings.batch_max_wait_s
         self._buffers: dict[str, SizeOrWaitBuffer[VideoAccumulator]] = {
-            "image": SizeOrWaitBuffer("image", settings.image_batch_size, wait),
+            "image": SizeOrWaitBuffer("image", settings.resolved_image_batch_size(self.device.type), wait),
             "audio": SizeOrWaitBuffer("audio", settings.audio_batch_size, wait),
             "text": SizeOrWaitBuffer("text", settings.text_batch_size, wait),
         }

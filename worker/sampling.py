@@ -11,8 +11,15 @@ time and keyframe flag (from a packet-only demux pass, or the container index fo
 
 - ``"keyframes"``: every target has its own keyframe within ``interval / 2``; only those keyframe
   packets are sent to the decoder (every other packet is demuxed and dropped, or seeked over).
-- ``"seek"``: per target, the nearest frame, or a keyframe within ``interval / 2`` where that is
-  cheaper; only the packets those frames need (from their keyframe on, in decode order) are decoded.
+- ``"seek"``: per target, the frame within ``interval / 2`` that needs the fewest packets not already
+  decoded (ties: the one nearest to the target), so a bin without a keyframe of its own usually gets the
+  first frame of the bin instead of the one at its centre (the contract allows any frame in the bin; on
+  2 s keyframe intervals at 1 sample/s that halves the decoding, see BENCHMARKS.md); only the packets
+  those frames need (from their keyframe on, in decode order) are decoded.
+- ``"seek_nonref"``: the seek plan with ``skip_frame=NONREF`` where the NONREF rule below holds: only
+  *anchor* frames (keyframes and frames shown after every packet decoded before them, i.e. I and P
+  frames, never a B-frame) are chosen, and the B-frames on the way are sent but not decoded. On IBBP
+  content a frame one second into a GOP then costs its P-frames only, about a third of the packets.
   Between the decoded runs the demuxer seeks when the gap is longer than :data:`SEEK_GAP_PACKETS`
   packets, and otherwise reads and drops the packets (cheaper than a seek, which also drains and flushes
   the decoder). Leading pictures (after a keyframe in decode order, before it in display order) are
@@ -201,6 +208,8 @@ class _Gops:
         self.leading = t < t[self.start]
         self.order = np.argsort(t, kind="stable")  # display position -> packet index
         self.display_t = t[self.order]
+        # anchors: shown after everything decoded before them (I and P frames; B-frames are shown earlier)
+        self.anchor = k | (t > np.concatenate([[-np.inf], np.maximum.accumulate(t)[:-1]]))
 
     def needed(self, i: int) -> np.ndarray:
         """Packets to decode for packet ``i`` when nothing else is decoded: its GOP from the keyframe,
@@ -213,36 +222,67 @@ class _Gops:
         return r[~self.leading[r] | (r == i)]
 
 
-def _plan_seek(g: _Gops, targets: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Greedy per target: the nearest frame, or a keyframe within ``tol`` when that decodes fewer
-    packets; chosen frames increase in time (strictly where the frame rate allows). Returns (send mask,
-    aims, keyframes only)."""
+def _cheapest_in_window(g: _Gops, order: np.ndarray, display_t: np.ndarray, target: float, tol: float,
+                        last_t: float) -> list[int]:
+    """Candidate packets for ``target`` among the frames ``order`` (packet indices in display order,
+    times ``display_t``): in each GOP, the frame shown within ``tol`` of it (and after ``last_t``) that
+    comes first in decode order. Within a GOP the packets a frame needs grow with its decode position, so
+    no other frame of that GOP in the window is cheaper."""
+    lo = max(int(np.searchsorted(display_t, target - tol - 1e-9)), int(np.searchsorted(display_t, last_t, "right")))
+    hi = int(np.searchsorted(display_t, target + tol + 1e-9, side="right"))
+    if lo >= hi:
+        return []
+    idx = order[lo:hi]
+    idx = idx[~g.leading[idx]]
+    if len(idx) == 0:
+        return []
+    gops = g.gop[idx]
+    first: dict[int, int] = {}
+    for i, gop in zip(idx.tolist(), gops.tolist(), strict=True):
+        if gop not in first or i < first[gop]:
+            first[gop] = i
+    return list(first.values())
+
+
+def _plan_seek(g: _Gops, targets: np.ndarray, tol: float,
+               nonref: bool = False) -> tuple[np.ndarray, np.ndarray, bool, float]:
+    """Greedy per target: of the nearest frame, the keyframe nearest to the target and the cheapest frame
+    of each GOP within ``tol`` (:func:`_cheapest_in_window`), the one that decodes the fewest new packets
+    (ties: nearest to the target); chosen frames increase in time (strictly where the frame rate allows).
+    With ``nonref`` only anchors are chosen and a non-anchor packet costs :data:`SKIP_COST_FRAMES` (sent,
+    not decoded). Returns (send mask, aims, keyframes only, cost in decoded frames)."""
     send = np.zeros(g.n, bool)
     aims = np.empty(len(targets))
-    near = nearest_indices(g.display_t, targets)
+    weight = np.where(g.anchor | (not nonref), 1.0, SKIP_COST_FRAMES)
+    order = g.order[g.anchor[g.order]] if nonref else g.order  # candidate packets in display order
+    display_t = g.times[order]
+    near = nearest_indices(display_t, targets)
     key_t = g.times[g.key_idx]
     last_t = -math.inf
     only_keys = True
+
+    def option(i: int, rank: int, target: float) -> tuple[float, float, int, int, np.ndarray]:
+        need = g.needed(i)
+        return float(weight[need][~send[need]].sum()), abs(g.times[i] - target), -rank, i, need
+
     for j, target in enumerate(targets):
         f = int(near[j])
-        while g.display_t[f] <= last_t and f + 1 < g.n and abs(g.display_t[f + 1] - target) <= tol + 1e-9:
+        while display_t[f] <= last_t and f + 1 < len(order) and abs(display_t[f + 1] - target) <= tol + 1e-9:
             f += 1  # a frame of its own when one is within the tolerance (else the previous one again)
-        i = int(g.order[f])
-        need = g.needed(i)
-        options = [(int(np.count_nonzero(~send[need])), 1, i, need)]
+        options = [option(int(order[f]), 1, target)]
         kk = int(nearest_indices(key_t, np.array([target]))[0]) if len(key_t) else -1
         while kk >= 0 and kk + 1 < len(key_t) and key_t[kk] <= last_t:
             kk += 1
         if kk >= 0 and key_t[kk] > last_t and abs(key_t[kk] - target) <= tol + 1e-9:
-            ki = int(g.key_idx[kk])
-            options.append((0 if send[ki] else 1, 0, ki, np.array([ki])))
-        _, _, chosen, need = min(options, key=lambda o: (o[0], -o[1]))
+            options.append(option(int(g.key_idx[kk]), 0, target))
+        options += [option(c, 0, target) for c in _cheapest_in_window(g, order, display_t, float(target), tol, last_t)]
+        *_, chosen, need = min(options, key=lambda o: o[:3])
         send[need] = True
         aims[j] = g.times[chosen]
         last_t = aims[j]
         only_keys &= bool(g.is_key[chosen])
     only_keys &= bool(np.all(g.is_key[send]))
-    return send, aims, only_keys
+    return send, aims, only_keys, float(weight[send].sum())
 
 
 def plan_strategy(
@@ -256,8 +296,8 @@ def plan_strategy(
 ) -> Plan:
     """Pick the cheapest plan that meets the tolerance (see the module docstring). ``force`` names a
     strategy to use whatever the costs (benchmarks and tests): "sequential", "sequential_nonref" (NONREF
-    even where the rule above does not allow it) or "seek" (the per-target plan, "keyframes" if that
-    is what it is)."""
+    even where the rule above does not allow it) or "seek" (the per-target plan: "keyframes" if that
+    is what it is, "seek_nonref" where the NONREF rule holds)."""
     if force not in (None, "sequential", "sequential_nonref", "seek", "keyframes"):
         raise ValueError(f"unknown strategy {force!r}")
     targets = np.asarray(targets, np.float64)
@@ -271,14 +311,16 @@ def plan_strategy(
     # sequential: every packet up to the last one shown at or before the last target's nearest frame
     seq_last = int(g.order[: int(near.max()) + 1].max())
     costs = {seq_name: round((seq_last + 1) * (NONREF_FRAME_SHARE if nonref else 1.0), 2)}
-    send, aims, only_keys = _plan_seek(g, targets, tolerance_s)
+    seek_nonref = force in (None, "seek") and nonref_allowed(codec, stream_fps, tolerance_s)
+    send, aims, only_keys, decoded = _plan_seek(g, targets, tolerance_s, seek_nonref)
     seeks, skip_cost = _gaps(send)
-    name = "keyframes" if only_keys else "seek"
-    costs[name] = round(float(send.sum()) + skip_cost + SEEK_COST_FRAMES * len(seeks), 2)
+    name = "keyframes" if only_keys else ("seek_nonref" if seek_nonref else "seek")
+    costs[name] = round(decoded + skip_cost + SEEK_COST_FRAMES * len(seeks), 2)
     detail = {"packets": float(g.n), "keyframes": float(len(g.key_idx)), "seeks": float(len(seeks)),
               "packets_sent": float(send.sum())}
     if (force in ("seek", "keyframes")) or (force is None and costs[name] < costs[seq_name]):
         last = int(np.flatnonzero(send).max())
-        return Plan(name, costs, aims, send, last, tuple(seeks), "DEFAULT", detail)
+        return Plan(name, costs, aims, send, last, tuple(seeks), "NONREF" if name == "seek_nonref" else "DEFAULT",
+                    detail)
     detail.update(seeks=0.0, packets_sent=float(seq_last + 1))
     return Plan(seq_name, costs, targets, None, seq_last, (), skip, detail)
