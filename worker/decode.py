@@ -183,8 +183,10 @@ class VideoSource:
     def _inspect(self) -> None:
         c = self._container
         assert c is not None
-        vstreams = [s for s in c.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
-        astreams = list(c.streams.audio)
+        # a stream FFmpeg has no decoder for (no codec context: e.g. a corrupt codec tag) counts as absent
+        vstreams = [s for s in c.streams.video
+                    if s.codec_context is not None and not (s.disposition & av.stream.Disposition.attached_pic)]
+        astreams = [s for s in c.streams.audio if s.codec_context is not None]
         self._v = vstreams[0] if vstreams else None
         self._a = astreams[0] if astreams else None
         if self._v is None and not (self._a is not None and self.limits.allow_audio_only):
@@ -456,8 +458,15 @@ class VideoSource:
         emitted = 0
 
         def frames_of(decoded) -> Iterator[np.ndarray]:
+            nonlocal resampler
             for frame in decoded:
-                for out in resampler.resample(frame):
+                try:
+                    outs = resampler.resample(frame)
+                except ValueError:  # sample format, rate or layout changed mid-stream: flush, start anew
+                    outs = resampler.resample(None)
+                    resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+                    outs += resampler.resample(frame)
+                for out in outs:
                     yield out.to_ndarray().reshape(-1)
 
         def packets() -> Iterator[np.ndarray]:
