@@ -43,6 +43,8 @@ import statistics
 import sys
 import time
 import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -541,7 +543,6 @@ class Bench:
                                                                "host features -> device, as the worker does"))}
 
     def decode(self) -> dict:
-        from concurrent.futures import ThreadPoolExecutor
 
         clip, out = self.clip, self.entry
         one = decode_all(clip, threads=1)
@@ -657,6 +658,16 @@ class Bench:
             if self.cuda and keep:  # NVML utilisation samples (the fraction of time a kernel was running)
                 threading.Thread(target=_sample_gpu, args=(stop, util), daemon=True).start()
             group, vids = [], []
+            # extraction + fusion run in one inference thread (as the worker's pipeline does), so this
+            # thread keeps collecting decoded videos meanwhile; at most 2 groups wait for it (backpressure)
+            infer, infer_jobs = ThreadPoolExecutor(1, thread_name_prefix="infer"), deque()
+
+            def infer_group(g: list[dict], flush: bool) -> None:
+                vids.extend(extract(g))
+                if vids and (len(vids) >= 16 or flush):
+                    fuse(list(vids))
+                    vids.clear()
+
             try:
                 hw = self.e2e_hwaccel
                 list(pool.map(decode_video, [clip] * n, [False] * n, [hw] * n))  # start + import in every worker
@@ -677,15 +688,17 @@ class Bench:
                             group.append(dict(r, title=titles[done_n % len(titles)]))
                     last = done_n >= sub and not pending
                     if keep and group and (len(group) >= per_group or last):
-                        vids += extract(group)
+                        while len(infer_jobs) >= 2:
+                            infer_jobs.popleft().result()
+                        infer_jobs.append(infer.submit(infer_group, group, last))
                         group = []
-                    if keep and vids and (len(vids) >= 16 or last):
-                        fuse(vids)
-                        vids = []
+                while infer_jobs:
+                    infer_jobs.popleft().result()
                 wall = time.perf_counter() - t0
                 main_cpu = time.process_time() - c0
             finally:
                 stop.set()
+                infer.shutdown(wait=True, cancel_futures=True)
                 _kill_pool(pool)
             cpu = sum(r["cpu_s"] for r in results)
             return {"videos": done_n, "wall_s": wall, "videos_per_s": done_n / wall,
