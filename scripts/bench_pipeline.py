@@ -178,8 +178,10 @@ def plot(results: list[dict], clips: list[Clip], path: Path) -> None:
     ax.set_xlabel("K (jobs in flight)")
     ax.set_ylabel("videos / min")
     ax.legend(fontsize=7)
-    pts = sorted((r["k"], r["peak_rss_mb"]) for r in workers)
-    ax2.plot(*zip(*pts, strict=True), "s-")
+    for threads in sorted({r["threads"] for r in workers}):
+        pts = sorted((r["k"], r["peak_rss_mb"]) for r in workers if r["threads"] == threads)
+        ax2.plot(*zip(*pts, strict=True), "s-", label=f"{threads} decode thr. (worker process)")
+    ax2.legend(fontsize=7)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("K (jobs in flight)")
     ax2.set_ylabel("peak RSS MB")

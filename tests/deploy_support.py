@@ -47,17 +47,22 @@ def ensure_tool(binary: str, package: str) -> str:
     found = shutil.which(binary)
     if found:
         return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.fail(f"{binary} is missing and apt-get is not available to install {package}")
-    for cmd in ([apt, "update", "-q"], [apt, "install", "-y", "-q", package]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    apt_install(package)
     found = shutil.which(binary)
     if not found:
         pytest.fail(f"installed {package} but {binary} is still not on PATH")
     return found
+
+
+def apt_install(package: str) -> None:
+    """Install Debian ``package`` with apt-get; fails the test when that is impossible."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        pytest.fail(f"apt-get is not available to install {package}")
+    for cmd in ([apt, "update", "-q"], [apt, "install", "-y", "-q", package]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
 def load_dashboard() -> dict:

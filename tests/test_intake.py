@@ -26,6 +26,7 @@ def test_xadd_entries_become_jobs_once_and_are_acked(redis_url, tmp_path):
     q = tag_queue(conn, settings)
     assert sorted(q.job_ids) == sorted([job_id_for("u1"), job_id_for("u2")])
     assert conn.xpending(UPLOADS_STREAM, UPLOADS_GROUP)["pending"] == 0
+    assert conn.xlen(UPLOADS_STREAM) == 0  # bridged entries are deleted, not only acknowledged
     job = q.fetch_job(job_id_for("u1"))
     assert job.kwargs == {"uri": str(files["u1"]), "title": "first"}
     InProcessWorker(settings).burst()
@@ -43,5 +44,5 @@ def test_entries_of_a_dead_consumer_are_claimed(redis_url, tmp_path):
     assert conn.xpending(UPLOADS_STREAM, UPLOADS_GROUP)["pending"] == 1
     survivor = UploadsBridge(conn, settings, consumer="alive", claim_idle_s=0)
     assert survivor.poll(block_ms=100) == 1
-    assert conn.xpending(UPLOADS_STREAM, UPLOADS_GROUP)["pending"] == 0
+    assert conn.xpending(UPLOADS_STREAM, UPLOADS_GROUP)["pending"] == 0 and conn.xlen(UPLOADS_STREAM) == 0
     assert tag_queue(conn, settings).job_ids == [job_id_for("c1")]

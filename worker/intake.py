@@ -8,6 +8,10 @@ entries added before any worker ran are bridged too). Each entry is enqueued wit
 usable ``video_id`` is logged and acknowledged (it can never succeed). Entries a consumer read but
 never acknowledged (it died between read and ack) are taken over with XAUTOCLAIM once idle for
 ``claim_idle_s``; a restarted consumer with the same name first re-reads its own pending entries.
+
+The stream is a hand-off queue owned by Tagstream: an entry is deleted (XDEL, in the same transaction
+as its XACK) once bridged, so the stream holds only entries not yet bridged and its memory returns to
+nothing after a burst. (Acknowledging alone never frees a stream entry.)
 """
 
 from __future__ import annotations
@@ -77,14 +81,20 @@ class UploadsBridge:
                 log.warning("uploads entry %s refused: %s", _text(entry_id), exc)
             else:
                 log.info("bridged upload %s -> %s (%s)", video_id, job_id, "enqueued" if created else "duplicate")
-        self.connection.xack(UPLOADS_STREAM, UPLOADS_GROUP, entry_id)
+        self._done(entry_id)
         return True
+
+    def _done(self, entry_id: Any) -> None:
+        """Acknowledge and delete one entry, atomically."""
+        self.connection.pipeline(transaction=True).xack(UPLOADS_STREAM, UPLOADS_GROUP, entry_id).xdel(
+            UPLOADS_STREAM, entry_id
+        ).execute()
 
     def _process(self, entries: list) -> int:
         count = 0
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending
-                self.connection.xack(UPLOADS_STREAM, UPLOADS_GROUP, entry_id)
+                self._done(entry_id)
                 continue
             self._handle(entry_id, fields)
             count += 1
