@@ -18,7 +18,6 @@ from worker.client import submit
 from worker.keys import result_key
 from worker.local_redis import free_port
 
-
 DEBIAN_REDIS = "/usr/bin/redis-server"
 
 
