@@ -180,6 +180,8 @@ def scene(redis_server, tmp_path_factory):
         _wait(lambda: (s.value('max(tagstream_queue_jobs{state="started"})') or 0) >= 1, 30, "a started job in Prometheus")
         # Counters need two samples inside each window, recording rules a couple of evaluations.
         _wait(lambda: s.value("tagstream:video_seconds:rate5m"), 30, "recording rules with data")
+        _wait(lambda: (s.value('tagstream:backlog_jobs{queue="tagging"}') or 0) >= 1, 30,
+              "the backlog rule to see the started job")  # fmt: skip
         _wait(lambda: s.query("deriv(tagstream:backlog_jobs[10m])")["data"]["result"], 30, "two backlog samples")
         yield s
     finally:
