@@ -159,10 +159,7 @@ def run_burst(args: argparse.Namespace) -> dict[str, Any]:
         }  # fmt: skip
         return report
     finally:
-        for w in workers:
-            if w.alive():
-                w.kill()
-        server.stop()
+        lib.kill_all(workers, server)
 
 
 def summary(r: dict[str, Any]) -> str:

@@ -168,10 +168,7 @@ def run_outage(args: argparse.Namespace) -> dict[str, Any]:
         report["workdir"] = str(workdir)
         return report
     finally:
-        for w in workers:
-            if w.alive():
-                w.kill()
-        server.stop()
+        lib.kill_all(workers, server)
 
 
 def summary(r: dict[str, Any]) -> str:

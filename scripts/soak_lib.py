@@ -163,6 +163,14 @@ def spawn_worker(kind: str, settings: Settings, name: str, log_dir: Path, *, del
     return WorkerProc(name=name, kind=kind, proc=proc, log_path=log_path, metrics_port=settings.metrics_port)
 
 
+def kill_all(workers: list[WorkerProc], server: Any) -> None:
+    """End of a run: SIGKILL every worker still alive, then stop the Redis server."""
+    for w in workers:
+        if w.alive():
+            w.kill()
+    server.stop()
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of ``pid`` from ``/proc`` (Linux), or None."""
     try:

@@ -14,7 +14,7 @@ Interpretations:
   ``crop_size``, RGB. Only the sampled frames are converted.
 - Video decoding follows the plan of :func:`worker.sampling.plan_strategy`: only the planned packets are
   sent to the decoder (the others are demuxed and dropped, or seeked over), ``skip_frame=NONREF`` for
-  ``sequential_nonref``. Every sample is checked against its target; a miss (a stream that breaks the
+  ``seek_nonref`` and ``sequential_nonref``. Every sample is checked against its target; a miss (a stream that breaks the
   plan's assumptions) makes the rest be decoded without skipping from the keyframe before the missed
   bin (``DecodeStats.fallbacks``). ``codec_threads`` (default 1: parallelism comes from decoding several
   videos at once) is the decoder's thread count, frame threading when > 1.

@@ -16,14 +16,14 @@ time and keyframe flag (from a packet-only demux pass, or the container index fo
   first frame of the bin instead of the one at its centre (the contract allows any frame in the bin; on
   2 s keyframe intervals at 1 sample/s that halves the decoding, see BENCHMARKS.md); only the packets
   those frames need (from their keyframe on, in decode order) are decoded.
-- ``"seek_nonref"``: the seek plan with ``skip_frame=NONREF`` where the NONREF rule below holds: only
-  *anchor* frames (keyframes and frames shown after every packet decoded before them, i.e. I and P
-  frames, never a B-frame) are chosen, and the B-frames on the way are sent but not decoded. On IBBP
-  content a frame one second into a GOP then costs its P-frames only, about a third of the packets.
   Between the decoded runs the demuxer seeks when the gap is longer than :data:`SEEK_GAP_PACKETS`
   packets, and otherwise reads and drops the packets (cheaper than a seek, which also drains and flushes
   the decoder). Leading pictures (after a keyframe in decode order, before it in display order) are
   dropped after a gap: they may reference the skipped packets.
+- ``"seek_nonref"``: the seek plan with ``skip_frame=NONREF`` where the NONREF rule below holds: only
+  *anchor* frames (keyframes and frames shown after every packet decoded before them, i.e. I and P
+  frames, never a B-frame) are chosen, and the B-frames on the way are sent but not decoded. On IBBP
+  content a frame one second into a GOP then costs its P-frames only, about a third of the packets.
 - ``"sequential"``: every packet up to the last target's nearest frame; the sample is the nearest frame.
 - ``"sequential_nonref"``: like sequential with ``skip_frame=NONREF`` (frames nothing references are not
   decoded). Chosen only for codecs whose FFmpeg decoder honours it and only when half a sample interval
