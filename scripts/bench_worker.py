@@ -82,14 +82,14 @@ def bench_settings(**overrides):
     return Settings(**{**base, **overrides})
 
 
-def load_warm_models(settings):
+def load_warm_models(settings, with_tagger: bool = True):
     """Load the models the way the worker does and run each once (first calls allocate and plan)."""
     import numpy as np
     import torch
 
     from worker.models import load_models
 
-    models = load_models(settings)
+    models = load_models(settings, with_tagger=with_tagger)
     ex = models.extractors
     with torch.inference_mode():
         ex.image(torch.zeros((2, 224, 224, 3), dtype=torch.uint8))

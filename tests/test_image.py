@@ -146,3 +146,24 @@ def test_extractor_stays_frozen(lite0: ImageExtractor) -> None:
     lite0.train()
     assert not lite0.training and not lite0.backbone.training
     assert not any(p.requires_grad for p in lite0.parameters())
+
+
+def test_mobilenet_v3_small_loads_torchvision_state_dict(tmp_path: Path, photos: torch.Tensor) -> None:
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    reference = mobilenet_v3_small(weights=None).eval()
+    path = tmp_path / "mobilenet-random.pth"
+    torch.save(reference.state_dict(), path)
+    extractor = build_image_extractor("mobilenet_v3_small", path)
+    assert extractor.feature_dim == 576 and extractor.extractor_id.startswith("mobilenet_v3_small.")
+    batch = photos[:2]
+    features, logits = extractor(batch)
+    assert features.shape == (2, 576) and logits.shape == (2, 1000)
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref_logits = reference(x)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileNotFoundError):
+        build_image_extractor("mobilenet_v3_small", None)

@@ -100,10 +100,10 @@ class Settings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------------------
     checkpoint: Path | None = Field(None, description="Fusion checkpoint dir; default: the shipped demo one.")
-    image_arch: Literal["efficientnet_lite0", "resnet50"] = Field(
-        "efficientnet_lite0", description="Image extractor; resnet50 needs image_weights."
+    image_arch: Literal["efficientnet_lite0", "resnet50", "mobilenet_v3_small"] = Field(
+        "efficientnet_lite0", description="Image extractor; resnet50 and mobilenet_v3_small need image_weights."
     )
-    image_weights: Path | None = Field(None, description="torchvision-format ResNet-50 state dict.")
+    image_weights: Path | None = Field(None, description="torchvision-format state dict for image_arch.")
     vggish_weights: Path | None = Field(None, description="torchvggish-layout state dict.")
     vggish_pca: Path | None = Field(None, description="torchvggish PCA params (optional).")
     text_encoder_dir: Path | None = Field(None, description="Local transformers model dir.")
