@@ -309,3 +309,21 @@ def test_audio_format_change_mid_stream(tmp_path):
     src, times, frames, audio = decode_all(joined)
     assert len(frames) >= 2
     assert 3.8 <= src.stats.audio_seconds <= 4.3  # both segments' audio, at 16 kHz
+
+
+def test_truncated_file_samples_what_decodes_and_says_so(tmp_path):
+    # a Matroska file cut in half still declares 10 s: the samples stop where the frames stop (no copies
+    # of the last frame for the missing bins) and the stats say where
+    path = make_video(tmp_path / "v.mkv", seconds=10, fps=25, audio="aac", container="matroska")
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    src, times, frames, _ = decode_all(cut)
+    assert src.info.duration_s > 9.5 and src.stats.ended_early_s is not None
+    assert 3.0 < src.stats.ended_early_s < 7.0
+    assert len(times) == len(set(np.round(times, 3))) and times.max() <= src.stats.ended_early_s
+    policy = SamplingPolicy()
+    targets = policy.target_times(src.info.duration_s)
+    assert len(times) < len(targets)
+    assert np.all(np.abs(times - targets[: len(times)]) <= policy.tolerance_s(src.info.duration_s) + 1e-6)
+    full, _, _, _ = decode_all(path)
+    assert full.stats.ended_early_s is None

@@ -125,6 +125,7 @@ class DecodeStats:
     costs: dict[str, float] = field(default_factory=dict)
     plan: dict[str, float] = field(default_factory=dict)  # packets, keyframes, seeks, packets sent to the decoder
     fallbacks: int = 0  # times a missed target made the rest be decoded without skipping
+    ended_early_s: float | None = None  # last frame, when frames end before the last target's bin
     hwaccel: str = "none"
 
     def to_dict(self) -> dict:
@@ -394,6 +395,14 @@ class VideoSource:
                 if abs(t - targets[j]) > tol + 1e-6 and miss is None and not sel.fallback:
                     miss = j
                     break
+                if abs(t - targets[j]) > tol + 1e-6 and sel.exhausted and t < targets[j]:
+                    # even decoding everything, the frames stop here: a truncated or damaged file.
+                    # The later targets get no sample rather than copies of the last frame.
+                    self.stats.ended_early_s = round(t, 3)
+                    log.warning("%s: frames end at %.3f s of %.3f s; %d of %d samples missing", self.uri, t,
+                                self._duration or 0.0, len(targets) - j, len(targets))
+                    run.close()
+                    return
                 if abs(t - targets[j]) > tol + 1e-6:
                     log.warning("%s: sample %d at %.3f s is %.3f s from its target", self.uri, j, t,
                                 abs(t - targets[j]))

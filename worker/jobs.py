@@ -239,6 +239,6 @@ def tag_video(video_id: str, uri: str | None = None, title: str = "") -> dict:
     if not isinstance(document, dict):
         raise TagstreamError("pipeline returned no document")
     if args.notes:
-        document["input_warnings"] = list(args.notes)
+        document["input_warnings"] = list(args.notes) + document.get("input_warnings", [])
     runtime.sink.write(document)
     return document

@@ -488,6 +488,10 @@ class Pipeline:
         extra: dict[str, Any] = {}
         if stats is not None and hasattr(stats, "to_dict"):
             extra["decode"] = stats.to_dict()
+        ended = getattr(stats, "ended_early_s", None)
+        if ended is not None:
+            extra["input_warnings"] = [f"frames end at {ended:g} s of the declared {media['duration_s'] or 0:g} s "
+                                       "(a truncated or damaged file): tagged from the frames that decode"]
         if self.models.tagger is None:
             extra["features"] = {
                 "image": list(f.image.shape), "audio": list(f.audio.shape), "text": list(f.text.shape)

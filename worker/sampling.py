@@ -145,11 +145,13 @@ def nearest_indices(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
 class Selector:
     """Serves targets ``first..`` in order from frames in presentation order: each gets the frame nearest
     to its aim (the planned frame's time, or the target itself), decided when a frame at or after the
-    aim arrives, at once when one is within ``eps`` of it; at the end the last frame serves the rest."""
+    aim arrives, at once when one is within ``eps`` of it; at the end the last frame serves the rest (and
+    ``exhausted`` is set: the stream had no frame for them)."""
 
     def __init__(self, aims: np.ndarray, eps: float, first: int = 0, fallback: bool = False) -> None:
         self.aims, self.eps, self.j, self.fallback = aims, eps, first, fallback
         self.prev: tuple[float, object] | None = None
+        self.exhausted = False
 
     @property
     def done(self) -> bool:
@@ -167,6 +169,7 @@ class Selector:
         self.prev = (t, frame)
 
     def finish(self) -> Iterator[tuple[int, float, object]]:
+        self.exhausted = True
         while self.prev is not None and self.j < len(self.aims):
             yield self.j, self.prev[0], self.prev[1]
             self.j += 1
