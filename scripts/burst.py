@@ -24,7 +24,6 @@ Example (the RELIABILITY.md run)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -201,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     lib.exit_on_sigterm()
-    report = run_burst(args)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    print(summary(report))
-    return 0
+    return lib.report_and_exit_status(run_burst(args), args.json, summary)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Example (the RELIABILITY.md run)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -458,11 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         maintenance_interval_s=args.maintenance_interval_s, shutdown_grace_s=args.shutdown_grace_s,
         job_retries=args.job_retries, timeout_s=args.timeout_s, seed=args.seed, workdir=args.workdir,
     )  # fmt: skip
-    report = run_chaos(config)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    print(summary(report))
-    return 0 if report["ok"] else 1
+    return lib.report_and_exit_status(run_chaos(config), args.json, summary)
 
 
 if __name__ == "__main__":

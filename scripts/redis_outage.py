@@ -23,7 +23,6 @@ Example (the RELIABILITY.md run)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -213,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     lib.exit_on_sigterm()
-    report = run_outage(args)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    print(summary(report))
-    return 0 if report["ok"] else 1
+    return lib.report_and_exit_status(run_outage(args), args.json, summary)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,15 @@ def spawn_worker(kind: str, settings: Settings, name: str, log_dir: Path, *, del
     return WorkerProc(name=name, kind=kind, proc=proc, log_path=log_path, metrics_port=settings.metrics_port)
 
 
+def report_and_exit_status(report: dict[str, Any], json_path: Path | None, summary: Any) -> int:
+    """The end of each soak script: write the report to ``--json`` when given, print its summary; exit
+    status 1 when the report says it is not ``ok``."""
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+    print(summary(report))
+    return 0 if report.get("ok", True) else 1
+
+
 def kill_all(workers: list[WorkerProc], server: Any) -> None:
     """End of a run: SIGKILL every worker still alive, then stop the Redis server."""
     for w in workers:
