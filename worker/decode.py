@@ -459,7 +459,7 @@ class VideoSource:
 
     def _audio_chunks(self) -> Iterator[AudioChunk]:
         self._audio_container = self._open_plain(None)
-        a = self._audio_container.streams.audio[0]
+        a = self._audio_container.streams[self._a.index]  # the stream _inspect chose, in this demuxer
         resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
         chunk_n = max(1, int(round(self.audio_chunk_s * AUDIO_RATE)))
         buf: list[np.ndarray] = []
