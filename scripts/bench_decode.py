@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # name -> (encoder, container suffix, unused). All in MP4, whose demuxer honours ``-discard nokey`` (FFmpeg's
 # Matroska/WebM demuxer does not), so the FFmpeg floor can drop non-key packets as our decoder does.
@@ -375,18 +375,6 @@ def section_matrix(args, cache: Path) -> tuple[bool, list[dict]]:
     return ok and ffmpeg is not None, rows
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's high-water mark across fork+exec)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def rss_child(path: str) -> None:
     from worker.decode import AudioChunk, SamplingPolicy, VideoSource
 
@@ -399,6 +387,8 @@ def rss_child(path: str) -> None:
             else:
                 frames += len(chunk.timestamps)
         strategy, decoded = src.stats.strategy, src.stats.frames_decoded
+    from bench_worker import peak_rss_mb
+
     print(json.dumps({"peak_rss_mb": peak_rss_mb(),
                       "frames_sampled": frames, "frames_decoded": decoded, "strategy": strategy,
                       "audio_s": audio / 16000, "wall_s": time.perf_counter() - t0}))

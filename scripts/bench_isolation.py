@@ -28,6 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_worker import cpu_s, proc_cpu_s  # noqa: E402
 
 
 def make_clips(n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
@@ -44,23 +47,6 @@ def make_clips(n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
             tmp.rename(p)
         out.append(p)
     return out
-
-
-def _cpu_of(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def decode_round(clips: list[Path], threads: int, pool, fps: float) -> tuple[float, float, int]:
@@ -82,11 +68,15 @@ def decode_round(clips: list[Path], threads: int, pool, fps: float) -> tuple[flo
             frames += n
 
     kids = pool.pids() if pool else []
-    c0, k0, t0 = _self_cpu(), _cpu_of(kids), time.perf_counter()
+
+    def kids_cpu() -> float:
+        return sum(proc_cpu_s(pid) for pid in kids)
+
+    c0, k0, t0 = cpu_s(), kids_cpu(), time.perf_counter()
     with ThreadPoolExecutor(threads) as ex:
         list(ex.map(one, clips))
     wall = time.perf_counter() - t0
-    return wall, _self_cpu() - c0 + _cpu_of(kids) - k0, frames
+    return wall, cpu_s() - c0 + kids_cpu() - k0, frames
 
 
 def bench_decode(args: argparse.Namespace, clips: list[Path]) -> None:

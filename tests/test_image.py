@@ -95,20 +95,21 @@ def test_bad_input_rejected(lite0: ImageExtractor) -> None:
     assert f.shape == (0, 1280) and lg.shape == (0, 1000)
 
 
-def test_resnet50_loads_torchvision_state_dict(tmp_path: Path, photos: torch.Tensor) -> None:
-    from torchvision.models import resnet50
+@pytest.mark.parametrize("arch,dim", [("resnet50", 2048), ("mobilenet_v3_small", 576)])
+def test_torchvision_state_dict_loads(tmp_path: Path, photos: torch.Tensor, arch: str, dim: int) -> None:
+    import torchvision.models
 
     torch.manual_seed(0)
-    reference = resnet50(weights=None).eval()
-    path = tmp_path / "resnet50-random.pth"
+    reference = getattr(torchvision.models, arch)(weights=None).eval()
+    path = tmp_path / f"{arch}-random.pth"
     torch.save(reference.state_dict(), path)
 
-    extractor = build_image_extractor("resnet50", path)
-    assert extractor.feature_dim == 2048
-    assert extractor.extractor_id == "resnet50." + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    extractor = build_image_extractor(arch, path)
+    assert extractor.feature_dim == dim
+    assert extractor.extractor_id == f"{arch}." + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     batch = photos[:2]
     features, logits = extractor(batch)
-    assert features.shape == (2, 2048) and logits.shape == (2, 1000)
+    assert features.shape == (2, dim) and logits.shape == (2, 1000)
 
     pooled = {}
     reference.avgpool.register_forward_hook(lambda _m, _i, out: pooled.setdefault("x", out.flatten(1)))
@@ -123,6 +124,8 @@ def test_resnet50_loads_torchvision_state_dict(tmp_path: Path, photos: torch.Ten
 def test_missing_weights_never_fall_back_to_random(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ResNet-50"):
         build_image_extractor("resnet50")
+    with pytest.raises(FileNotFoundError, match="MobileNetV3-Small"):
+        build_image_extractor("mobilenet_v3_small")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_image_extractor("resnet50", tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError):
@@ -147,23 +150,3 @@ def test_extractor_stays_frozen(lite0: ImageExtractor) -> None:
     assert not lite0.training and not lite0.backbone.training
     assert not any(p.requires_grad for p in lite0.parameters())
 
-
-def test_mobilenet_v3_small_loads_torchvision_state_dict(tmp_path: Path, photos: torch.Tensor) -> None:
-    from torchvision.models import mobilenet_v3_small
-
-    torch.manual_seed(0)
-    reference = mobilenet_v3_small(weights=None).eval()
-    path = tmp_path / "mobilenet-random.pth"
-    torch.save(reference.state_dict(), path)
-    extractor = build_image_extractor("mobilenet_v3_small", path)
-    assert extractor.feature_dim == 576 and extractor.extractor_id.startswith("mobilenet_v3_small.")
-    batch = photos[:2]
-    features, logits = extractor(batch)
-    assert features.shape == (2, 576) and logits.shape == (2, 1000)
-    x = batch.permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-        ref_logits = reference(x)
-    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(FileNotFoundError):
-        build_image_extractor("mobilenet_v3_small", None)

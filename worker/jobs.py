@@ -35,6 +35,7 @@ from worker.keys import JOB_FUNCTION, job_id_for
 from worker.payload_guard import (
     MAX_JOB_HASH_BYTES,
     MAX_TITLE_CHARS,
+    MAX_URI_CHARS,
     MAX_VIDEO_ID_CHARS,
     check_uri,
     check_video_id,
@@ -47,7 +48,6 @@ from worker.payload_guard import (
 
 __all__ = ["MAX_TITLE_CHARS", "MAX_URI_CHARS", "MAX_VIDEO_ID_CHARS", "TagArgs", "TagJob", "parse_payload",
            "refusal_of", "resolve_uri", "tag_video"]
-MAX_URI_CHARS = 4096
 
 
 class TagJob(Job):
@@ -117,7 +117,7 @@ def _bind_args(args: Any, kwargs: Any) -> TagArgs:
         raise InvalidJobError(f"bad arguments for {JOB_FUNCTION}: {exc}") from None
     bound.apply_defaults()
     video_id = check_video_id(bound.arguments["video_id"])
-    uri = check_uri(bound.arguments["uri"], MAX_URI_CHARS)
+    uri = check_uri(bound.arguments["uri"])
     title, notes = clean_title(bound.arguments["title"])
     return TagArgs(video_id=video_id, uri=uri, title=title, notes=tuple(notes))
 

@@ -42,6 +42,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_JOB_HASH_BYTES = 1 << 20
 MAX_VIDEO_ID_CHARS = 512
 MAX_TITLE_CHARS = 4096
+MAX_URI_CHARS = 4096
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _ID_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -92,11 +93,11 @@ def check_video_id(video_id: Any) -> str:
     return video_id
 
 
-def check_uri(uri: Any, max_chars: int) -> str | None:
+def check_uri(uri: Any) -> str | None:
     if uri is None:
         return None
-    if not isinstance(uri, str) or len(uri) > max_chars:
-        raise InvalidJobError(f"uri must be null or a string of at most {max_chars} characters")
+    if not isinstance(uri, str) or len(uri) > MAX_URI_CHARS:
+        raise InvalidJobError(f"uri must be null or a string of at most {MAX_URI_CHARS} characters")
     if _SURROGATE.search(uri):
         raise InvalidJobError("uri is not valid Unicode (lone surrogate)")
     return uri or None
