@@ -123,7 +123,7 @@ class Settings(BaseSettings):
 
     def resolved_image_batch_size(self, device_type: str) -> int:
         """``image_batch_size``, or for 0: 64 on an accelerator, 8 on CPU. On CPU a large batch gains
-        nothing per frame (the ExtractorRunner runs it in slices of 4 anyway) and holds one inference
+        nothing per frame (the extractor runs it in micro-batches of 4 anyway) and holds one inference
         thread for a long time while the others idle; measured with ``scripts/bench_worker.py`` on 2 cores,
         8 against 64 took the worker from 1.9x to 2.1-2.4x the naive baseline (BENCHMARKS.md "Worker")."""
         if self.image_batch_size:
