@@ -262,14 +262,15 @@ class ExtractorRunner:
     videos; the one thread that owns the accumulators) are split so batches can run concurrently while
     their results are still applied in order; :meth:`run` does both.
 
-    On CPU, image and audio batches run through the network in slices of at most ``cpu_slices[name]``
-    items (default 16 frames, 32 patches), results concatenated: a CPU gains nothing from larger
-    batches (measured on EfficientNet-Lite0: 55 ms/frame CPU in slices of 16, 65 in one batch of 64),
-    while activation memory grows with the batch (+800 MB peak RSS for 64 frames at once, +230 MB in
-    slices of 16). Batches are still built across videos up to the configured sizes.
+    On CPU, batches of the extractors named in ``cpu_slices`` run through the network in slices of at
+    most that many items (default: audio, 32 patches), results concatenated: a CPU gains nothing from
+    larger batches while activation memory grows with them. Image batches are not sliced here:
+    :class:`model.image.ImageExtractor` runs CPU batches in micro-batches of 4 frames itself (the
+    fastest size per frame measured, and the smallest activations). Batches are still built across
+    videos up to the configured sizes.
     """
 
-    CPU_SLICES = {"image": 16, "audio": 32}
+    CPU_SLICES = {"audio": 32}
 
     def __init__(self, extractors: Any, device: torch.device, cpu_slices: dict[str, int] | None = None) -> None:
         self.extractors = extractors
