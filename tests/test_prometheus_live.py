@@ -182,6 +182,8 @@ def scene(redis_server, tmp_path_factory):
         _wait(lambda: s.value("tagstream:video_seconds:rate5m"), 30, "recording rules with data")
         _wait(lambda: (s.value('tagstream:backlog_jobs{queue="tagging"}') or 0) >= 1, 30,
               "the backlog rule to see the started job")  # fmt: skip
+        # the jobs were submitted while Prometheus scraped: wait until the rules have seen the queue drain
+        _wait(lambda: s.value('tagstream:queued_jobs{queue="tagging"}') == 0, 30, "the queued rule to reach 0")
         _wait(lambda: s.query("deriv(tagstream:backlog_jobs[10m])")["data"]["result"], 30, "two backlog samples")
         yield s
     finally:
