@@ -103,7 +103,9 @@ def make_video(
     width, height = size
     gop = gop or fps
     n = max(1, int(round(seconds * fps)))
-    container_options = {"movflags": "+faststart"} if faststart else {}
+    # bitexact: no random segment UID or muxing date (Matroska/WebM), so a clip is byte for byte the same
+    # on every run and a fuzzing recipe (seed clip + mutations) rebuilds the same file
+    container_options = {"fflags": "+bitexact", **({"movflags": "+faststart"} if faststart else {})}
     with av.open(str(path), "w", format=fmt, options=container_options) as out:
         vs = out.add_stream(codec, rate=fps)
         vs.width, vs.height = width, height
