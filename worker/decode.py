@@ -18,9 +18,10 @@ Interpretations:
   plan's assumptions) makes the rest be decoded without skipping from the keyframe before the missed
   bin (``DecodeStats.fallbacks``). ``codec_threads`` (default 1: parallelism comes from decoding several
   videos at once) is the decoder's thread count, frame threading when > 1.
-- Audio is read through a second demuxer on the same input (so seeking the video never leaves gaps in
-  the audio); chunks are contiguous, ``audio_chunk_s`` long (the last one shorter), interleaved with the
-  frame chunks by time. A URL is therefore fetched twice when audio is decoded.
+- Audio (:mod:`worker.audio_decode`) is read through a second demuxer on the same input (so seeking the
+  video never leaves gaps in the audio); chunks are contiguous, ``audio_chunk_s`` long (the last one
+  shorter), interleaved with the frame chunks by time. A URL is therefore fetched twice when audio is
+  decoded.
 - ``decode_budget_s`` is wall time from the start of :meth:`VideoSource.chunks`, checked between packets.
 - A still image (PNG/JPEG) is ``unsupported_media``; audio-only is ``unsupported_media`` unless
   ``allow_audio_only`` (then only audio chunks are produced).
@@ -39,6 +40,7 @@ import av
 import av.error
 import numpy as np
 
+from worker.audio_decode import AUDIO_RATE, AudioChunk, audio_chunks
 from worker.convert import to_rgb
 from worker.errors import (
     DecodeError,
@@ -53,10 +55,9 @@ from worker.sampling import Layout, Plan, SamplingPolicy, Selector, nearest_indi
 if TYPE_CHECKING:
     from worker.config import Settings
 
-__all__ = ["AudioChunk", "DecodeLimits", "DecodeStats", "FrameChunk", "MediaInfo", "SamplingPolicy", "VideoSource"]
+__all__ = ["AUDIO_RATE", "AudioChunk", "DecodeLimits", "DecodeStats", "FrameChunk", "MediaInfo", "SamplingPolicy", "VideoSource"]
 
 log = logging.getLogger(__name__)
-AUDIO_RATE = 16000
 _hw_failed = False
 
 
@@ -107,12 +108,6 @@ class MediaInfo:
 class FrameChunk:
     timestamps: np.ndarray  # (n,) float64 seconds
     frames: np.ndarray  # (n, S, S, 3) uint8 RGB
-
-
-@dataclass
-class AudioChunk:
-    start_s: float
-    samples: np.ndarray  # (m,) float32 mono 16 kHz
 
 
 @dataclass
@@ -459,50 +454,11 @@ class VideoSource:
 
     def _audio_chunks(self) -> Iterator[AudioChunk]:
         self._audio_container = self._open_plain(None)
-        a = self._audio_container.streams[self._a.index]  # the stream _inspect chose, in this demuxer
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
-        chunk_n = max(1, int(round(self.audio_chunk_s * AUDIO_RATE)))
-        buf: list[np.ndarray] = []
-        buffered = 0
-        emitted = 0
-
-        def frames_of(decoded) -> Iterator[np.ndarray]:
-            nonlocal resampler
-            for frame in decoded:
-                try:
-                    outs = resampler.resample(frame)
-                except ValueError:  # sample format, rate or layout changed mid-stream: flush, start anew
-                    outs = resampler.resample(None)
-                    resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
-                    outs += resampler.resample(frame)
-                for out in outs:
-                    yield out.to_ndarray().reshape(-1)
-
-        def packets() -> Iterator[np.ndarray]:
-            for packet in self._audio_container.demux(a):
-                self._check_budget()
-                try:
-                    yield from frames_of(packet.decode())
-                except av.error.InvalidDataError as exc:  # a damaged audio packet: skip it
-                    log.debug("%s: audio packet skipped: %s", self.uri, exc)
-            yield from frames_of([None])
-
-        try:
-            for samples in packets():
-                buf.append(samples)
-                buffered += samples.size
-                while buffered >= chunk_n:
-                    data = np.concatenate(buf)
-                    yield AudioChunk(emitted / AUDIO_RATE, data[:chunk_n].astype(np.float32, copy=False))
-                    emitted += chunk_n
-                    rest = data[chunk_n:]
-                    buf, buffered = [rest], rest.size
-        except av.error.FFmpegError as exc:
-            raise map_av_error(exc, self.uri) from exc
-        if buffered:
-            yield AudioChunk(emitted / AUDIO_RATE, np.concatenate(buf).astype(np.float32, copy=False))
-            emitted += buffered
-        self.stats.audio_seconds = emitted / AUDIO_RATE
+        stream = self._audio_container.streams[self._a.index]  # the stream _inspect chose, in this demuxer
+        for chunk in audio_chunks(self._audio_container, stream, self.audio_chunk_s, uri=self.uri,
+                                  check_budget=self._check_budget):
+            self.stats.audio_seconds = chunk.start_s + chunk.samples.size / AUDIO_RATE
+            yield chunk
 
     def chunks(self) -> Iterator[FrameChunk | AudioChunk]:
         """Frame and audio chunks interleaved by time (audio up to the end of each frame chunk)."""
