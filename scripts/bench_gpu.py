@@ -15,11 +15,13 @@ Sections, each time-boxed (SIGALRM) and isolated (a failure is reported, the oth
   RANDOM weights and the tokenizer from ``--text-dir`` (or random token ids without one).
 - ``fusion``: ``FusionModel`` (random weights) on collated batches of one-minute videos.
 - ``decode``: all frames of the 720p clip with plain PyAV on one CPU thread and on every core (one process
-  per core), against NVDEC (PyAV ``hwaccel=cuda``; frames downloaded to host, frames kept on the device,
-  and several streams in parallel), plus the project's sampled ``VideoSource`` in software and with cuda.
+  per core), against NVDEC (PyAV ``hwaccel=cuda``; frames downloaded to host or kept on the device; 1, 2,
+  4, 8 streams at once on threads of one fresh process sharing its primary CUDA context), plus the
+  project's sampled ``VideoSource`` in software and with cuda (first and second video of a process).
 - ``e2e``: one-minute 720p videos/s: the project's decoder (``VideoSource`` + log-mel patches) in a process
-  pool with one process per core, the main process batching frames/patches/titles through the extractors
-  and the fusion model on the GPU; against the same pool decoding only. Says which resource saturates.
+  pool (``--e2e-procs``, default one process per core; ``--e2e-hwaccel cuda`` for NVDEC), the main process
+  batching frames/patches/titles through the extractors and the fusion model on the GPU; against the same
+  pool decoding only. Says which resource saturates.
 
 The 720p clip (H.264 ``veryfast``, 2 B-frames, 2 s GOP, AAC mono) is generated with PyAV at start and cached.
 
@@ -138,14 +140,17 @@ def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
 
 def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
     """Plain PyAV: decode every frame (no conversion). ``hw``: "none", "cuda" (frames downloaded to host) or
-    "cuda-device" (frames stay on the GPU). Raises if NVDEC was asked for and is not used."""
+    "cuda-device" (frames stay on the GPU). Raises if NVDEC was asked for and is not used. NVDEC decoders use
+    the device's primary CUDA context (as ``worker.media_open`` does), which FFmpeg refuses (ENOTSUP) once
+    torch has activated it: call this in a process that has not initialised CUDA through torch."""
     import av
 
     kwargs = {}
     if hw != "none":
         from av.codec.hwaccel import HWAccel
 
-        kwargs["hwaccel"] = HWAccel("cuda", allow_software_fallback=False, is_hw_owned=hw == "cuda-device")
+        kwargs["hwaccel"] = HWAccel("cuda", allow_software_fallback=False, is_hw_owned=hw == "cuda-device",
+                                    options={"primary_ctx": "1"})
     t0, n, fmt = time.perf_counter(), 0, None
     with av.open(path, **kwargs) as c:
         v = c.streams.video[0]
@@ -157,6 +162,21 @@ def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
             fmt = fmt or frame.format.name
             n += 1
     return {"frames": n, "wall_s": time.perf_counter() - t0, "frame_format": fmt}
+
+
+def decode_streams(path: str, streams: int, hw: str) -> dict:
+    """``streams`` :func:`decode_all` at once on threads of this (pool) process: with NVDEC, that many
+    decoder sessions in one shared CUDA context (the primary context, held for the process's life)."""
+    from worker.media_open import cuda_device_options
+
+    shared = bool(cuda_device_options()) if hw != "none" else None
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as ex:
+        res = list(ex.map(lambda _: decode_all(path, hw=hw), range(streams)))
+    wall = time.perf_counter() - t0
+    n = sum(r["frames"] for r in res)
+    return {"streams": streams, "frames": n, "wall_s": wall, "frames_per_s": n / wall,
+            "frame_format": res[0]["frame_format"], "shared_context": shared}
 
 
 def _sample_gpu(stop, out: list) -> None:
@@ -561,32 +581,36 @@ class Bench:
         out["cpu_all_cores"] = {"processes": self.ncpu, "frames": n, "wall_s": wall, "frames_per_s": n / wall}
         self.rows.append(("decode", f"CPU frames/s, {self.ncpu} processes x 1 thread", f"{n / wall:,.0f}",
                           f"{n} frames in {wall:.2f} s"))
-        for hw, label in (("cuda", "NVDEC frames/s (downloaded to host)"), ("cuda-device", "NVDEC frames/s (kept on GPU)")):
+        # NVDEC in a fresh process (torch's CUDA context in this one would stop FFmpeg sharing the primary
+        # context): 1, then 2/4/8 streams decoding at once in that process's one CUDA context
+        for hw, where in (("cuda", "downloaded to host"), ("cuda-device", "kept on GPU")):
+            pool = _pool(1)
             try:
-                r = decode_all(clip, hw=hw)
-                out[hw] = dict(r, frames_per_s=r["frames"] / r["wall_s"])
-                self.rows.append(("decode", label, f"{out[hw]['frames_per_s']:,.0f}",
-                                  f"1 stream, {r['frames']} frames, format {r['frame_format']}"))
-            except SectionTimeout:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                reason = f"{type(exc).__name__}: {exc}" + ("" if self.cuda else " (no CUDA device)")
-                out[hw] = {"status": "unavailable", "reason": reason}
-                self.rows.append(("decode", label, "unavailable", reason[:160]))
-        if "frames_per_s" in out.get("cuda-device", {}):
-            for k in self.cfg["nvdec_streams"]:
-                with ThreadPoolExecutor(k) as ex:
-                    t0 = time.perf_counter()
-                    res = list(ex.map(lambda _: decode_all(clip, hw="cuda-device"), range(k)))
-                    wall = time.perf_counter() - t0
-                n = sum(r["frames"] for r in res)
-                out[f"nvdec_{k}_streams"] = {"frames": n, "wall_s": wall, "frames_per_s": n / wall}
-                self.rows.append(("decode", f"NVDEC frames/s, {k} streams in parallel (kept on GPU)", f"{n / wall:,.0f}",
-                                  f"{n} frames in {wall:.2f} s"))
-        for hw in ("none", "cuda"):  # the project's sampled decode of one video, software vs NVDEC
-            r = decode_video(clip, keep=False, hwaccel=hw)
-            out[f"videosource_{hw}"] = r
-            self.rows.append(("decode", f"VideoSource 1 video, hwaccel={hw}: wall s", f"{r['wall_s']:.3f}",
+                for k in (1, *self.cfg["nvdec_streams"]):
+                    label = f"NVDEC frames/s, {k} stream{'s' if k > 1 else ''} ({where})"
+                    try:
+                        r = pool.submit(decode_streams, clip, k, hw).result()
+                    except SectionTimeout:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - no NVDEC: say why, once
+                        reason = f"{type(exc).__name__}: {exc}" + ("" if self.cuda else " (no CUDA device)")
+                        out[f"{hw}_{k}"] = {"status": "unavailable", "reason": reason}
+                        self.rows.append(("decode", label, "unavailable", reason[:160]))
+                        break
+                    out[f"{hw}_{k}"] = r
+                    self.rows.append(("decode", label, f"{r['frames_per_s']:,.0f}", f"{r['frames']} frames in "
+                                      f"{r['wall_s']:.2f} s, {r['frame_format']}, shared context {r['shared_context']}"))
+            finally:
+                _kill_pool(pool)
+        pool = _pool(1)  # the project's sampled decode of one video, software vs NVDEC, in a fresh process
+        try:  # NVDEC twice: the first video also creates the process's CUDA context
+            runs = {name: pool.submit(decode_video, clip, False, hw).result()
+                    for name, hw in (("none", "none"), ("cuda_first", "cuda"), ("cuda", "cuda"))}
+        finally:
+            _kill_pool(pool)
+        for name, r in runs.items():
+            out[f"videosource_{name}"] = r
+            self.rows.append(("decode", f"VideoSource 1 video, hwaccel={name}: wall s", f"{r['wall_s']:.3f}",
                               f"used {r['hwaccel']}, {r['strategy']}, {r['frames_decoded']} decoded / "
                               f"{r['frames_sampled']} sampled, cpu {r['cpu_s']:.2f} s"))
         return out
@@ -600,7 +624,7 @@ class Bench:
         from model.image import ImageExtractor
         from model.vggish import AudioExtractor, VGGish
 
-        clip, n = self.clip, self.ncpu
+        clip, n = self.clip, self.args.e2e_procs or self.ncpu
         from torchvision.models import resnet50
 
         net = resnet50(weights=None)
@@ -802,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-seconds", type=float, default=0.0, help="override the clip length")
     ap.add_argument("--e2e-hwaccel", choices=["none", "cuda"], default="none",
                     help="decoder of the end-to-end pool: CPU (none) or NVDEC through FFmpeg's cuda hwaccel")
+    ap.add_argument("--e2e-procs", type=int, default=0,
+                    help="decode processes of the end-to-end pool (default: one per CPU core)")
     ap.add_argument("--only", default="", help="comma-separated sections (meta and clip always run)")
     ap.add_argument("--text-dir", default="", help="tokenizer + config.json of MiniLM when the package is absent")
     ap.add_argument("--cache", default="/tmp/tagstream-gpu-bench", help="where the generated clip is kept")

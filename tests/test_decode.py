@@ -274,6 +274,30 @@ def test_hwaccel_cuda_falls_back_to_software(tmp_path):
     assert len(frames) == 2 and src.stats.hwaccel in ("none", "cuda")
 
 
+def test_cuda_primary_context_probe(monkeypatch, caplog):
+    """The probe really asks FFmpeg for a CUDA device (it fails with FFmpeg's OSError without a GPU, not
+    with a programming error), runs once per process, and shares the primary context only when it got it."""
+    import logging
+
+    import torch
+
+    from worker import media_open
+
+    monkeypatch.setattr(media_open, "_cuda_shared", None)
+    monkeypatch.setattr(media_open, "_cuda_keepalive", None)
+    with caplog.at_level(logging.INFO, logger="worker.media_open"):
+        first = media_open.cuda_device_options()
+        assert media_open.cuda_device_options() == first
+    probes = [r for r in caplog.records if "primary context" in r.getMessage()]
+    if first:
+        assert first == {"primary_ctx": "1"} and media_open._cuda_keepalive is not None and not probes
+    else:
+        assert len(probes) == 1 and isinstance(probes[0].args[0], OSError), probes
+        assert media_open._cuda_keepalive is None
+    if not torch.cuda.is_available():
+        assert first == {}
+
+
 def test_limits_from_settings():
     from worker.config import Settings
 
