@@ -24,6 +24,7 @@ Sections, each time-boxed (SIGALRM) and isolated (a failure is reported, the oth
   pool decoding only. Says which resource saturates.
 
 The 720p clip (H.264 ``veryfast``, 2 B-frames, 2 s GOP, AAC mono) is generated with PyAV at start and cached.
+What runs in the decode processes is in ``bench_gpu_decode.py``.
 
     python scripts/bench_gpu.py                 # full on a CUDA machine (< 8 min on one H100/H200)
     python scripts/bench_gpu.py --reduced       # small batches and a 10 s clip (automatic without CUDA)
@@ -51,7 +52,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ["PYTHONPATH"] = os.pathsep.join(  # decode processes import the project and bench_gpu_decode
+    p for p in (str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")) if p)
+
+from bench_gpu_decode import decode_all, decode_streams, decode_video, kill_pool, make_pool  # noqa: E402
 
 MLPERF_RESNET50_H100 = 88714.0  # images/s, MLPerf inference offline, INT8 TensorRT, one H100
 RESNET50_GFLOP = 8.2  # per 224x224 image (4.1 G multiply-adds)
@@ -95,90 +100,6 @@ def _cpu_model() -> str:
         return platform.machine()
 
 
-def _limits():
-    from worker.decode import DecodeLimits
-
-    return DecodeLimits(max_duration_s=1e6, max_pixels=1 << 30, max_file_bytes=1 << 40, open_timeout_s=30,
-                        read_timeout_s=30, decode_budget_s=3600)
-
-
-# --- workers (run in pool processes: keep module-level imports light) -----------------------------------
-def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
-    """The project's decode step for one video (as a pipeline decode thread does it): sampled 224x224 RGB
-    frames at 1 frame/s and VGGish log-mel patches. ``keep=False`` drops the arrays (decode-only runs)."""
-    import numpy as np
-    import torch
-
-    from model.audio_frontend import PatchStream
-    from worker.decode import FrameChunk, SamplingPolicy, VideoSource
-
-    torch.set_num_threads(1)
-    c0, t0 = time.process_time(), time.perf_counter()
-    frames, patches, n_frames, n_patches = [], [], 0, 0
-    with torch.inference_mode(), VideoSource(path, SamplingPolicy(fps=1.0, max_frames=300), _limits(),
-                                             hwaccel=hwaccel) as src:
-        stream = PatchStream()
-        for chunk in src.chunks():
-            if isinstance(chunk, FrameChunk):
-                n_frames += len(chunk.frames)
-                if keep:
-                    frames.append(chunk.frames)
-            else:
-                p = stream.push(chunk.samples)
-                n_patches += len(p)
-                if keep and len(p):
-                    patches.append(p.numpy())
-        stats = src.stats
-    out = {"frames_sampled": n_frames, "patches": n_patches, "frames_decoded": stats.frames_decoded,
-           "strategy": stats.strategy, "hwaccel": stats.hwaccel, "wall_s": time.perf_counter() - t0,
-           "cpu_s": time.process_time() - c0}
-    if keep:
-        out["frames"] = np.concatenate(frames) if frames else np.zeros((0, 224, 224, 3), np.uint8)
-        out["patches_arr"] = np.concatenate(patches) if patches else np.zeros((0, 96, 64), np.float32)
-    return out
-
-
-def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
-    """Plain PyAV: decode every frame (no conversion). ``hw``: "none", "cuda" (frames downloaded to host) or
-    "cuda-device" (frames stay on the GPU). Raises if NVDEC was asked for and is not used. NVDEC decoders use
-    the device's primary CUDA context (as ``worker.media_open`` does), which FFmpeg refuses (ENOTSUP) once
-    torch has activated it: call this in a process that has not initialised CUDA through torch."""
-    import av
-
-    kwargs = {}
-    if hw != "none":
-        from av.codec.hwaccel import HWAccel
-
-        kwargs["hwaccel"] = HWAccel("cuda", allow_software_fallback=False, is_hw_owned=hw == "cuda-device",
-                                    options={"primary_ctx": "1"})
-    t0, n, fmt = time.perf_counter(), 0, None
-    with av.open(path, **kwargs) as c:
-        v = c.streams.video[0]
-        v.codec_context.thread_count = threads
-        v.thread_type = "AUTO" if threads > 1 else "SLICE"
-        if hw != "none" and not v.codec_context.is_hwaccel:
-            raise RuntimeError("PyAV opened the stream without the cuda hwaccel")
-        for frame in c.decode(v):
-            fmt = fmt or frame.format.name
-            n += 1
-    return {"frames": n, "wall_s": time.perf_counter() - t0, "frame_format": fmt}
-
-
-def decode_streams(path: str, streams: int, hw: str) -> dict:
-    """``streams`` :func:`decode_all` at once on threads of this (pool) process: with NVDEC, that many
-    decoder sessions in one shared CUDA context (the primary context, held for the process's life)."""
-    from worker.media_open import cuda_device_options
-
-    shared = bool(cuda_device_options()) if hw != "none" else None
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(streams) as ex:
-        res = list(ex.map(lambda _: decode_all(path, hw=hw), range(streams)))
-    wall = time.perf_counter() - t0
-    n = sum(r["frames"] for r in res)
-    return {"streams": streams, "frames": n, "wall_s": wall, "frames_per_s": n / wall,
-            "frame_format": res[0]["frame_format"], "shared_context": shared}
-
-
 def _sample_gpu(stop, out: list) -> None:
     import torch
 
@@ -187,24 +108,6 @@ def _sample_gpu(stop, out: list) -> None:
             out.append(torch.cuda.utilization())
     except Exception:  # noqa: BLE001 - no NVML: the caller falls back to timing the extractor calls
         out.clear()
-
-
-def _pool(n: int):
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("forkserver")  # never fork a process that holds a CUDA context
-    ctx.set_forkserver_preload(["worker.decode", "model.audio_frontend"])
-    return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
-
-
-def _kill_pool(pool) -> None:
-    """Stop a pool whose section timed out: cancel queued work and kill its worker processes."""
-    procs = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
 
 
 # --- the benchmark ------------------------------------------------------------------------------------
@@ -569,14 +472,14 @@ class Bench:
         out["cpu_1_thread"] = dict(one, frames_per_s=one["frames"] / one["wall_s"])
         self.rows.append(("decode", "CPU frames/s, 1 thread (all frames, 720p)", f"{out['cpu_1_thread']['frames_per_s']:,.0f}",
                           f"{one['frames']} frames in {one['wall_s']:.2f} s"))
-        pool = _pool(self.ncpu)
+        pool = make_pool(self.ncpu)
         try:
             list(pool.map(abs, range(self.ncpu)))  # start the workers outside the timing
             t0 = time.perf_counter()
             res = list(pool.map(decode_all, [clip] * self.ncpu))
             wall = time.perf_counter() - t0
         finally:
-            _kill_pool(pool)
+            kill_pool(pool)
         n = sum(r["frames"] for r in res)
         out["cpu_all_cores"] = {"processes": self.ncpu, "frames": n, "wall_s": wall, "frames_per_s": n / wall}
         self.rows.append(("decode", f"CPU frames/s, {self.ncpu} processes x 1 thread", f"{n / wall:,.0f}",
@@ -584,7 +487,7 @@ class Bench:
         # NVDEC in a fresh process (torch's CUDA context in this one would stop FFmpeg sharing the primary
         # context): 1, then 2/4/8 streams decoding at once in that process's one CUDA context
         for hw, where in (("cuda", "downloaded to host"), ("cuda-device", "kept on GPU")):
-            pool = _pool(1)
+            pool = make_pool(1)
             try:
                 for k in (1, *self.cfg["nvdec_streams"]):
                     label = f"NVDEC frames/s, {k} stream{'s' if k > 1 else ''} ({where})"
@@ -601,13 +504,13 @@ class Bench:
                     self.rows.append(("decode", label, f"{r['frames_per_s']:,.0f}", f"{r['frames']} frames in "
                                       f"{r['wall_s']:.2f} s, {r['frame_format']}, shared context {r['shared_context']}"))
             finally:
-                _kill_pool(pool)
-        pool = _pool(1)  # the project's sampled decode of one video, software vs NVDEC, in a fresh process
+                kill_pool(pool)
+        pool = make_pool(1)  # the project's sampled decode of one video, software vs NVDEC, in a fresh process
         try:  # NVDEC twice: the first video also creates the process's CUDA context
             runs = {name: pool.submit(decode_video, clip, False, hw).result()
                     for name, hw in (("none", "none"), ("cuda_first", "cuda"), ("cuda", "cuda"))}
         finally:
-            _kill_pool(pool)
+            kill_pool(pool)
         for name, r in runs.items():
             out[f"videosource_{name}"] = r
             self.rows.append(("decode", f"VideoSource 1 video, hwaccel={name}: wall s", f"{r['wall_s']:.3f}",
@@ -678,7 +581,7 @@ class Bench:
             import threading
             from concurrent.futures import FIRST_COMPLETED, wait
 
-            pool, done_n, results, window, util, stop = _pool(n), 0, [], 2 * n, [], threading.Event()
+            pool, done_n, results, window, util, stop = make_pool(n), 0, [], 2 * n, [], threading.Event()
             if self.cuda and keep:  # NVML utilisation samples (the fraction of time a kernel was running)
                 threading.Thread(target=_sample_gpu, args=(stop, util), daemon=True).start()
             group, vids = [], []
@@ -723,7 +626,7 @@ class Bench:
             finally:
                 stop.set()
                 infer.shutdown(wait=True, cancel_futures=True)
-                _kill_pool(pool)
+                kill_pool(pool)
             cpu = sum(r["cpu_s"] for r in results)
             return {"videos": done_n, "wall_s": wall, "videos_per_s": done_n / wall,
                     "video_seconds_per_s": done_n * self.cfg["clip_s"] / wall,
