@@ -55,7 +55,8 @@ from worker.sampling import Layout, Plan, SamplingPolicy, Selector, nearest_indi
 if TYPE_CHECKING:
     from worker.config import Settings
 
-__all__ = ["AUDIO_RATE", "AudioChunk", "DecodeLimits", "DecodeStats", "FrameChunk", "MediaInfo", "SamplingPolicy", "VideoSource"]
+__all__ = ["AUDIO_RATE", "AudioChunk", "DecodeLimits", "DecodeStats", "FrameChunk", "MediaInfo", "SamplingPolicy",
+           "VideoSource"]
 
 log = logging.getLogger(__name__)
 _hw_failed = False
