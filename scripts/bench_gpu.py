@@ -18,10 +18,12 @@ Sections, each time-boxed (SIGALRM) and isolated (a failure is reported, the oth
   per core), against NVDEC (PyAV ``hwaccel=cuda``; frames downloaded to host or kept on the device; 1, 2,
   4, 8 streams at once on threads of one fresh process sharing its primary CUDA context), plus the
   project's sampled ``VideoSource`` in software and with cuda (first and second video of a process).
-- ``e2e``: one-minute 720p videos/s: the project's decoder (``VideoSource`` + log-mel patches) in a process
-  pool (``--e2e-procs``, default one process per core; ``--e2e-hwaccel cuda`` for NVDEC), the main process
+- ``e2e``: one-minute 720p videos/s: the project's decoder (``VideoSource`` + log-mel patches) in
+  ``--e2e-procs`` processes (default one per core; ``--e2e-hwaccel cuda`` for NVDEC), the main process
   batching frames/patches/titles through the extractors and the fusion model on the GPU; against the same
-  pool decoding only. Says which resource saturates.
+  decoders decoding only. Says which resource saturates. ``--e2e-transport``: the worker's isolated decoder
+  processes (default: raw arrays over a socketpair, log-mel patches cut in the main process's decode
+  threads, as in the worker) or a ``ProcessPoolExecutor`` (arrays pickled back; the runs of 2026-11-26/27).
 
 The 720p clip (H.264 ``veryfast``, 2 B-frames, 2 s GOP, AAC mono) is generated with PyAV at start and cached.
 What runs in the decode processes is in ``bench_gpu_decode.py``.
@@ -56,7 +58,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ["PYTHONPATH"] = os.pathsep.join(  # decode processes import the project and bench_gpu_decode
     p for p in (str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")) if p)
 
-from bench_gpu_decode import decode_all, decode_streams, decode_video, kill_pool, make_pool  # noqa: E402
+from bench_gpu_decode import (  # noqa: E402
+    DecoderFarm,
+    decode_all,
+    decode_streams,
+    decode_video,
+    kill_pool,
+    make_clip,
+    make_pool,
+)
 
 MLPERF_RESNET50_H100 = 88714.0  # images/s, MLPerf inference offline, INT8 TensorRT, one H100
 RESNET50_GFLOP = 8.2  # per 224x224 image (4.1 G multiply-adds)
@@ -253,45 +263,8 @@ class Bench:
         return {}
 
     def make_clip(self) -> dict:
-        """720p H.264 (veryfast, 2 B-frames, 2 s GOP) + AAC mono, moving texture with mild grain."""
-        import av
-        import numpy as np
-
-        seconds, fps, (w, h) = self.cfg["clip_s"], 25, (1280, 720)
-        cache = Path(self.args.cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"clip_720p_{seconds:g}s_gop2.mp4"
-        if not path.exists():
-            rng = np.random.default_rng(0)
-            tex = np.kron(rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8),
-                          np.ones((16, 16, 1), np.uint8))[:h, :w].astype(np.int16)
-            grains = [np.clip(tex + rng.integers(-4, 5, tex.shape, dtype=np.int16), 0, 255).astype(np.uint8)
-                      for _ in range(8)]
-            tmp = path.with_suffix(".tmp.mp4")
-            n, rate, a_pos = int(round(seconds * fps)), 44100, 0
-            with av.open(str(tmp), "w") as out:
-                vs = out.add_stream("libx264", rate=fps)
-                vs.width, vs.height, vs.pix_fmt, vs.gop_size = w, h, "yuv420p", 2 * fps
-                vs.options = {"preset": "veryfast", "x264-params": f"keyint={2 * fps}:min-keyint={2 * fps}:"
-                              "scenecut=0:bframes=2"}
-                aus = out.add_stream("aac", rate=rate, layout="mono")
-                for i in range(n):
-                    frame = av.VideoFrame.from_ndarray(np.roll(grains[i % 8], (7 * i) % w, axis=1), format="rgb24")
-                    frame.pts = i
-                    for pkt in vs.encode(frame):
-                        out.mux(pkt)
-                    while a_pos < (i + 1) * rate / fps:  # audio interleaved with video
-                        t = (a_pos + np.arange(1024)) / rate
-                        s = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(1024)).astype(np.float32)
-                        af = av.AudioFrame.from_ndarray(s[None, :], format="fltp", layout="mono")
-                        af.sample_rate, af.pts = rate, a_pos
-                        for pkt in aus.encode(af):
-                            out.mux(pkt)
-                        a_pos += 1024
-                for st in (vs, aus):
-                    for pkt in st.encode():
-                        out.mux(pkt)
-            tmp.replace(path)
+        seconds = self.cfg["clip_s"]
+        path = make_clip(Path(self.args.cache), seconds)
         self.clip = str(path)
         mbit = path.stat().st_size * 8 / seconds / 1e6
         self.rows.append(("clip", "720p H.264 + AAC", f"{seconds:g} s", f"{mbit:.1f} Mbit/s, 25 fps, 2 s GOP, {path.name}"))
@@ -581,7 +554,8 @@ class Bench:
             import threading
             from concurrent.futures import FIRST_COMPLETED, wait
 
-            pool, done_n, results, window, util, stop = make_pool(n), 0, [], 2 * n, [], threading.Event()
+            farm = DecoderFarm(n, self.args.e2e_transport, clip, self.e2e_hwaccel)
+            done_n, results, window, util, stop = 0, [], 2 * n, [], threading.Event()
             if self.cuda and keep:  # NVML utilisation samples (the fraction of time a kernel was running)
                 threading.Thread(target=_sample_gpu, args=(stop, util), daemon=True).start()
             group, vids = [], []
@@ -596,13 +570,12 @@ class Bench:
                     vids.clear()
 
             try:
-                hw = self.e2e_hwaccel
-                list(pool.map(decode_video, [clip] * n, [False] * n, [hw] * n))  # start + import in every worker
+                farm.warm()
                 c0, t0, g0, sub = time.process_time(), time.perf_counter(), gpu_s[0], 0
                 pending = set()
                 while done_n < count:
                     while sub < count and len(pending) < window and time.perf_counter() - t0 < box_s:
-                        pending.add(pool.submit(decode_video, clip, keep, hw))
+                        pending.add(farm.submit(keep))
                         sub += 1
                     if not pending:
                         break
@@ -623,11 +596,11 @@ class Bench:
                     infer_jobs.popleft().result()
                 wall = time.perf_counter() - t0
                 main_cpu = time.process_time() - c0
+                cpu = farm.decode_cpu_s(results)
             finally:
                 stop.set()
                 infer.shutdown(wait=True, cancel_futures=True)
-                kill_pool(pool)
-            cpu = sum(r["cpu_s"] for r in results)
+                farm.close()
             return {"videos": done_n, "wall_s": wall, "videos_per_s": done_n / wall,
                     "video_seconds_per_s": done_n * self.cfg["clip_s"] / wall,
                     "decode_cpu_utilisation": cpu / (wall * n), "main_process_cpu_utilisation": main_cpu / wall,
@@ -655,8 +628,9 @@ class Bench:
         busiest = max(util, key=util.get)
         saturated = busiest if util[busiest] >= 0.8 else f"none clearly (busiest: {busiest} {util[busiest]:.0%})"
         ratio = e2e["videos_per_s"] / dec["videos_per_s"]
+        transport = self.args.e2e_transport
         self.rows.append(("e2e", f"decode-only videos/s ({self.cfg['clip_s']:g} s 720p, {n} processes)",
-                          f"{dec['videos_per_s']:.2f}", f"{dec['videos']} videos, {dec['strategy']}, "
+                          f"{dec['videos_per_s']:.2f}", f"{dec['videos']} videos, {transport}, {dec['strategy']}, "
                           f"{dec['frames_decoded_per_video']} frames decoded/video, CPU {dec['decode_cpu_utilisation']:.0%}"))
         self.rows.append(("e2e", "end-to-end videos/s (decode pool + extractors + fusion)", f"{e2e['videos_per_s']:.2f}",
                           f"{e2e['videos']} videos; {ratio:.0%} of decode-only; target {TARGET_E2E:g}/s "
@@ -664,7 +638,8 @@ class Bench:
                           + (" (clip not one minute)" if self.cfg["clip_s"] != 60 else "")))
         self.rows.append(("e2e", "saturated resource", saturated, ", ".join(f"{k} {v:.0%}" for k, v in util.items())))
         return {"decode_only": dec, "end_to_end": e2e, "ratio_to_decode_only": ratio, "saturated": saturated,
-                "utilisation": util, "text_encoder": text_source,
+                "utilisation": util, "text_encoder": text_source, "transport": transport,
+                "hwaccel": self.e2e_hwaccel, "decode_processes": n,
                 "models": f"ResNet-50 eager ({'bf16' if self.cuda else 'fp32'}), VGGish, fusion: random weights"}
 
     def _text_encoder(self):
@@ -729,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-seconds", type=float, default=0.0, help="override the clip length")
     ap.add_argument("--e2e-hwaccel", choices=["none", "cuda"], default="none",
                     help="decoder of the end-to-end pool: CPU (none) or NVDEC through FFmpeg's cuda hwaccel")
+    ap.add_argument("--e2e-transport", choices=DecoderFarm.TRANSPORTS, default="decoder-processes",
+                    help="how decoded videos reach the main process: the worker's isolated decoder processes "
+                         "(raw arrays over a socketpair, log-mel in the main process) or a process pool (pickled)")
     ap.add_argument("--e2e-procs", type=int, default=0,
                     help="decode processes of the end-to-end pool (default: one per CPU core)")
     ap.add_argument("--only", default="", help="comma-separated sections (meta and clip always run)")

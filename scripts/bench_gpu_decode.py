@@ -1,11 +1,56 @@
-"""What bench_gpu.py runs in its decode processes: the project's sampled decode of one video, plain PyAV
-decoding (CPU or NVDEC), parallel NVDEC streams, and the process pool that runs them. Module-level imports
-stay light: forkserver children import this module, never torch's CUDA state."""
+"""The decode side of bench_gpu.py: its clip, what runs in its decode processes (the project's sampled
+decode of one video, plain PyAV decoding on the CPU or NVDEC, parallel NVDEC streams) and the pools that
+run them. Module-level imports stay light: forkserver children import this module, never torch's CUDA
+state."""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def make_clip(cache: Path, seconds: float) -> Path:
+    """The benchmark clip, made once and cached in ``cache``: 720p H.264 (veryfast, 2 B-frames, 2 s GOP) +
+    AAC mono, ``seconds`` long, a moving texture with mild grain."""
+    import av
+    import numpy as np
+
+    fps, (w, h) = 25, (1280, 720)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"clip_720p_{seconds:g}s_gop2.mp4"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        tex = np.kron(rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8),
+                      np.ones((16, 16, 1), np.uint8))[:h, :w].astype(np.int16)
+        grains = [np.clip(tex + rng.integers(-4, 5, tex.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+                  for _ in range(8)]
+        tmp = path.with_suffix(".tmp.mp4")
+        n, rate, a_pos = int(round(seconds * fps)), 44100, 0
+        with av.open(str(tmp), "w") as out:
+            vs = out.add_stream("libx264", rate=fps)
+            vs.width, vs.height, vs.pix_fmt, vs.gop_size = w, h, "yuv420p", 2 * fps
+            vs.options = {"preset": "veryfast", "x264-params": f"keyint={2 * fps}:min-keyint={2 * fps}:"
+                          "scenecut=0:bframes=2"}
+            aus = out.add_stream("aac", rate=rate, layout="mono")
+            for i in range(n):
+                frame = av.VideoFrame.from_ndarray(np.roll(grains[i % 8], (7 * i) % w, axis=1), format="rgb24")
+                frame.pts = i
+                for pkt in vs.encode(frame):
+                    out.mux(pkt)
+                while a_pos < (i + 1) * rate / fps:  # audio interleaved with video
+                    t = (a_pos + np.arange(1024)) / rate
+                    s = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(1024)).astype(np.float32)
+                    af = av.AudioFrame.from_ndarray(s[None, :], format="fltp", layout="mono")
+                    af.sample_rate, af.pts = rate, a_pos
+                    for pkt in aus.encode(af):
+                        out.mux(pkt)
+                    a_pos += 1024
+            for st in (vs, aus):
+                for pkt in st.encode():
+                    out.mux(pkt)
+        tmp.replace(path)
+    return path
 
 
 def limits():
@@ -17,18 +62,43 @@ def limits():
 
 def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
     """The project's decode step for one video (as a pipeline decode thread does it): sampled 224x224 RGB
-    frames at 1 frame/s and VGGish log-mel patches. ``keep=False`` drops the arrays (decode-only runs)."""
+    frames at 1 frame/s and VGGish log-mel patches. ``keep=False`` drops the arrays (decode-only runs).
+    ``cpu_s`` is this process's CPU time for the video."""
+    import torch
+
+    from worker.decode import SamplingPolicy, VideoSource
+
+    torch.set_num_threads(1)
+    c0 = time.process_time()
+    out = _collect(lambda: VideoSource(path, SamplingPolicy(fps=1.0, max_frames=300), limits(), hwaccel=hwaccel),
+                   keep)
+    return dict(out, cpu_s=time.process_time() - c0)
+
+
+def decode_isolated(pool, path: str, keep: bool = True, hwaccel: str = "none") -> dict:
+    """:func:`decode_video` through one of the worker's isolated decoder processes (a
+    ``worker.decode_pool.DecodePool``: lock-step chunks, raw arrays over a socketpair, nothing pickled),
+    the log-mel patches cut in this thread, as the worker's decode threads do. ``cpu_s`` is this
+    thread's CPU time; the decoder processes' is read from /proc by the caller."""
+    from worker.decode import SamplingPolicy
+
+    c0 = time.thread_time()
+    out = _collect(lambda: pool.source(path, SamplingPolicy(fps=1.0, max_frames=300), limits(), hwaccel=hwaccel),
+                   keep)
+    return dict(out, cpu_s=time.thread_time() - c0)
+
+
+def _collect(open_source, keep: bool) -> dict:
+    """Frames and log-mel patches of the source ``open_source()`` opens; ``wall_s`` includes the open."""
     import numpy as np
     import torch
 
     from model.audio_frontend import PatchStream
-    from worker.decode import FrameChunk, SamplingPolicy, VideoSource
+    from worker.decode import FrameChunk
 
-    torch.set_num_threads(1)
-    c0, t0 = time.process_time(), time.perf_counter()
+    t0 = time.perf_counter()
     frames, patches, n_frames, n_patches = [], [], 0, 0
-    with torch.inference_mode(), VideoSource(path, SamplingPolicy(fps=1.0, max_frames=300), limits(),
-                                             hwaccel=hwaccel) as src:
+    with torch.inference_mode(), open_source() as src:
         stream = PatchStream()
         for chunk in src.chunks():
             if isinstance(chunk, FrameChunk):
@@ -42,12 +112,26 @@ def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
                     patches.append(p.numpy())
         stats = src.stats
     out = {"frames_sampled": n_frames, "patches": n_patches, "frames_decoded": stats.frames_decoded,
-           "strategy": stats.strategy, "hwaccel": stats.hwaccel, "wall_s": time.perf_counter() - t0,
-           "cpu_s": time.process_time() - c0}
+           "strategy": stats.strategy, "hwaccel": stats.hwaccel, "wall_s": time.perf_counter() - t0}
     if keep:
         out["frames"] = np.concatenate(frames) if frames else np.zeros((0, 224, 224, 3), np.uint8)
         out["patches_arr"] = np.concatenate(patches) if patches else np.zeros((0, 96, 64), np.float32)
     return out
+
+
+def processes_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds so far of the live processes ``pids`` (from /proc; 0 for a gone one)."""
+    import os
+
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
@@ -107,3 +191,53 @@ def kill_pool(pool) -> None:
     for p in procs:
         if p.is_alive():
             p.kill()
+
+
+class DecoderFarm:
+    """``n`` decoders of one clip behind :meth:`submit` (a Future of a :func:`decode_video`-style dict).
+
+    ``transport``: ``"decoder-processes"``: the worker's isolated decoder processes
+    (``worker.decode_pool.DecodePool``, one per thread of this process, :func:`decode_isolated`), or
+    ``"process-pool"``: :func:`decode_video` in a ``ProcessPoolExecutor``, the arrays pickled back."""
+
+    TRANSPORTS = ("decoder-processes", "process-pool")
+
+    def __init__(self, n: int, transport: str, path: str, hwaccel: str) -> None:
+        self.n, self.transport, self.path, self.hwaccel = n, transport, path, hwaccel
+        self._cpu0 = 0.0
+        if transport == "process-pool":
+            self._pool = make_pool(n)
+        elif transport == "decoder-processes":
+            from worker.decode_pool import DecodePool
+
+            self._decoders = DecodePool(n, memory_limit_mb=0)
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode")
+        else:
+            raise ValueError(f"transport {transport!r} not in {self.TRANSPORTS}")
+
+    def submit(self, keep: bool):
+        if self.transport == "process-pool":
+            return self._pool.submit(decode_video, self.path, keep, self.hwaccel)
+        return self._pool.submit(decode_isolated, self._decoders, self.path, keep, self.hwaccel)
+
+    def warm(self) -> None:
+        """One video on every decoder (process start, imports, CUDA context), then mark the CPU clock."""
+        for f in [self.submit(False) for _ in range(self.n)]:
+            f.result()
+        self._cpu0 = self._children_cpu_s()
+
+    def decode_cpu_s(self, results: list[dict]) -> float:
+        """Decoder CPU seconds since :meth:`warm` (``results``: the dicts of the videos decoded since)."""
+        if self.transport == "process-pool":
+            return sum(r["cpu_s"] for r in results)
+        return self._children_cpu_s() - self._cpu0
+
+    def _children_cpu_s(self) -> float:
+        return processes_cpu_s(self._decoders.pids()) if self.transport == "decoder-processes" else 0.0
+
+    def close(self) -> None:
+        if self.transport == "process-pool":
+            kill_pool(self._pool)
+        else:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._decoders.close()

@@ -11,10 +11,9 @@
 # travel: the text benchmark uses the same config with random weights and the real tokenizer.
 # Device call (one machine, about 7.5 min of the run plus the machine's start):
 #   run(command="bash scripts/device_bench.sh", carry=[".whl"], timeout_s=480)
-# NVDEC with one shared CUDA context per process (BENCHMARKS.md "NVDEC and CUDA contexts"), about 6 min:
-#   run(command="bash scripts/device_bench.sh --only decode,e2e; OUT=$OUT/nvdec bash scripts/device_bench.sh
-#       --only e2e --e2e-hwaccel cuda; OUT=$OUT/nvdec4 bash scripts/device_bench.sh --only e2e
-#       --e2e-hwaccel cuda --e2e-procs 4", carry=[".whl"], timeout_s=540)
+# NVDEC with one shared CUDA context per process, both transports (BENCHMARKS.md "NVDEC and CUDA
+# contexts"), about 8 min: the command given there (decode + e2e; e2e with --e2e-transport process-pool;
+# e2e with --e2e-hwaccel cuda; the same with --e2e-procs 4), timeout_s=580.
 # Everything is written to $OUT (default /tmp/tagstream-gpu-out): env.txt, bench_gpu.log,
 # bench_gpu.json, bench_gpu.md. The benchmark itself is limited to BENCH_LIMIT_S (default 400 s).
 set -uo pipefail
