@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per test session, and offline model settings."""
+"""Shared fixtures: a real redis-server per test session, offline model settings, one torch thread."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def redis_url(redis_server) -> str:
     """URL of the session's Redis, flushed before each test."""
     redis.Redis.from_url(redis_server.url).flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny-tensor tests (much faster than several on a busy
+    2-core machine); the previous count is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-
 from media import make_video
+
 from worker.audio_decode import AUDIO_RATE, audio_chunks
 
 

@@ -22,13 +22,7 @@ EXTRACTORS = {"image": {"id": "efficientnet_lite0", "dim": 12}, "audio": {"id": 
 SAMPLING = {"fps": 1.0, "max_frames": 300}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_videos():

@@ -21,13 +21,7 @@ LABELS = LabelSet(["动物-猫", "动物-狗", "游戏-射击", "游戏-赛车",
 DI, DA, DT = 10, 6, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def video(rng, i, t_img, t_aud, n_tok, title, labels=()):

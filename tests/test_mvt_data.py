@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from model.feature_store import open_features
 from model.mvt_data import MVTDataset
@@ -16,13 +15,7 @@ from model.train import TrainOptions, train
 CLASSES = ["拍人-帅哥", "拍人-秀特效", "美食-烘焙", "游戏-射击"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_mvt(root, n=16, image_dim=32):

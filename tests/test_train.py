@@ -22,13 +22,7 @@ SMALL = ["--image-hidden", "8", "--audio-hidden", "4", "--text-filters", "6", "-
          "--batch-size", "8", "--lr", "3e-3", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_store(out, n=48, seed=0):
