@@ -169,8 +169,8 @@ def test_supervisor_workers_per_device_restart_and_sigterm(redis_url, tmp_path):
 
 
 def test_sigterm_while_children_load_exits_cleanly(redis_url, tmp_path):
-    """SIGTERM to the supervisor before its children finished loading: every child exits at once with
-    status 0 (nothing was in flight) and so does the supervisor."""
+    """SIGTERM to the supervisor before its children finished loading: every child ends at once (killed
+    by the forwarded SIGTERM: nothing was in flight) and the supervisor exits with status 0."""
     port = free_port_pair()
     sup = start_supervisor(redis_url, port, tmp_path / "supervisor.log")
     try:
@@ -186,3 +186,34 @@ def test_sigterm_while_children_load_exits_cleanly(redis_url, tmp_path):
         for pid in children_of(sup.pid):
             os.kill(pid, signal.SIGKILL)
         stop(sup)
+
+
+EARLY_STOP_CHILD = """
+import sys, threading
+from worker.runner import EarlyStop
+early = EarlyStop()
+early.loading() if sys.argv[1] == "loading" else early.loaded()
+print("ready", flush=True)
+if sys.argv[1] == "loading":
+    sum(range(10**13))  # one long C call that never looks at pending signals (like a slow import)
+else:
+    print("requested" if early.requested.wait(30) else "not requested", flush=True)
+"""
+
+
+@pytest.mark.parametrize("phase", ["loading", "loaded"])
+def test_early_stop_during_and_after_loading(phase):
+    """While models load, SIGTERM ends the worker at once even when its main thread is inside one long C
+    call, where a Python handler would never run; once loaded, SIGTERM is only recorded (the worker then
+    returns 0 before taking work)."""
+    proc = subprocess.Popen([sys.executable, "-c", EARLY_STOP_CHILD, phase], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+    finally:
+        proc.kill()
+    if phase == "loading":
+        assert code == -signal.SIGTERM
+    else:
+        assert code == 0 and proc.stdout.read().strip() == "requested"

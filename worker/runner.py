@@ -4,8 +4,8 @@ Start-up order: metrics/health server (``/healthz`` answers at once, ``/readyz``
 pipeline, then the rq worker (:class:`worker.rq_worker.TagWorker`) and the uploads bridge thread.
 ``/readyz`` turns 200 once models are loaded and Redis answers. On CUDA the worker exports
 ``tagstream_gpu_memory_bytes`` (see :meth:`worker.metrics.Metrics.track_gpu_memory`). SIGTERM/SIGINT
-before the rq worker runs (while models load) exit with status 0: nothing is in flight yet
-(:class:`EarlyStop`).
+while models load end the process at once (by the signal; nothing is in flight yet), and before the rq
+worker runs make it return 0 (:class:`EarlyStop`).
 
 ``--gpus`` makes this process a supervisor (:class:`Supervisor`) that runs one worker process per GPU:
 
@@ -188,6 +188,8 @@ class Supervisor:
         child.codes.append(code)
         uptime = time.monotonic() - child.started_at
         if self.stopping.is_set() or (self.settings.burst and code == 0):
+            how = f"by signal {-code} ({signal.strsignal(-code)})" if code < 0 else f"with status {code}"
+            log.info("worker %d (pid %d) ended %s", child.index, child.process.pid if child.process else -1, how)
             child.done = True
             return
         # a clean exit (a max_jobs recycle) is restarted at once and never counts as a crash
@@ -243,10 +245,16 @@ class Supervisor:
 
 # --- one worker ------------------------------------------------------------------------------------
 class EarlyStop:
-    """SIGTERM/SIGINT handler until the rq worker installs its own. While models load (``hard``) it
-    exits the process at once with status 0: nothing is in flight or registered yet, and raising
-    into the imports under way (torch, numpy) can leave them half-initialised instead of stopping.
-    Afterwards it only records the request, which :func:`run_worker` checks before starting work."""
+    """SIGTERM/SIGINT until the rq worker installs its own handlers.
+
+    While models load (:meth:`loading`) both signals keep their default action: the kernel ends the
+    process at once, whatever its main thread is doing. Nothing is in flight or registered yet. A
+    Python handler would run only when the main thread next executes bytecode, which one long C call
+    (an import, a weights loader) can delay indefinitely; a CI run saw two loading workers ignore a
+    SIGTERM for 30 s that way. The exit status is then -SIGTERM, which the supervisor counts as a clean
+    stop of a signal it forwarded (143 in a shell). As PID 1, where the kernel drops default-action
+    signals, a Python handler exits with status 0 instead. After loading (:meth:`loaded`) the handler
+    only records the request, which :func:`run_worker` checks before starting work."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -257,6 +265,16 @@ class EarlyStop:
         if self.hard:
             os.write(2, f"{signal.Signals(signum).name} while loading models: exiting\n".encode())
             os._exit(0)
+
+    def loading(self) -> None:
+        handler = self if os.getpid() == 1 else signal.SIG_DFL
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handler)
+
+    def loaded(self) -> None:
+        self.hard = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self)
 
 
 def run_worker(
@@ -275,9 +293,9 @@ def run_worker(
         return bool(state["models"] and worker is not None and worker.redis_ok)
 
     early = EarlyStop()
-    if threading.current_thread() is threading.main_thread():  # the rq worker installs its own later
-        signal.signal(signal.SIGTERM, early)
-        signal.signal(signal.SIGINT, early)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # the rq worker installs its own later
+    if in_main_thread:
+        early.loading()
     health = pipeline = None
     try:
         if settings.metrics_port:
@@ -297,7 +315,8 @@ def run_worker(
         ).set(1)  # fmt: skip
         if metrics.track_gpu_memory(getattr(models, "device", "cpu")):
             log.info("exporting GPU memory of %s", models.device)
-        early.hard = False  # from here on, a stop request is honoured by returning normally
+        if in_main_thread:
+            early.loaded()  # from here on, a stop request is honoured by returning normally
         pipeline = Pipeline(settings, models, metrics)
         pipeline.start()
         state["models"] = True
