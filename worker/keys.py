@@ -26,6 +26,13 @@ def result_key(video_id: str) -> str:
     return f"{RESULT_PREFIX}{video_id}"
 
 
+def first_seen_key(intermediate_queue_key: str) -> str:
+    """Hash of job id -> when maintenance first saw the job in rq's intermediate list
+    (:class:`worker.rq_maintenance.BoundedIntermediateQueue`); a worker removes its job's entry when the
+    job starts."""
+    return f"{intermediate_queue_key}:first_seen"
+
+
 def job_id_for(video_id: str) -> str:
     """rq job id for a video: ``tag-`` + the id with every character outside ``[A-Za-z0-9_-]``
     replaced by ``_``, plus a short hash when anything was replaced so distinct ids stay distinct."""

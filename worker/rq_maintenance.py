@@ -28,6 +28,8 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
+from worker.keys import first_seen_key
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class BoundedIntermediateQueue(IntermediateQueue):
     def __init__(self, queue_key: str, connection: Any, stuck_after_s: float) -> None:
         super().__init__(queue_key, connection)
         self.stuck_after_s = stuck_after_s
-        self.seen_key = f"{self.key}:first_seen"
+        self.seen_key = first_seen_key(self.key)
 
     def set_first_seen(self, job_id: str) -> bool:
         return bool(self.connection.hsetnx(self.seen_key, job_id, now().timestamp()))

@@ -65,8 +65,9 @@ from worker import jobs
 from worker.config import Settings
 from worker.errors import InvalidJobError, ShutdownError, TagstreamError, reason_of
 from worker.jobs import JobContext, TagJob, parse_payload, refusal_of
-from worker.keys import job_id_for
+from worker.keys import first_seen_key, job_id_for
 from worker.result import failed_document
+from worker.rq_maintenance import maintain_queue
 from worker.sink import REDIS_ERRORS, ResultSink, retry_redis
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class TagWorker(BaseWorker):
             pipe.persist(job.key)
             intermediate = Queue(job.origin, connection=self.connection).intermediate_queue_key
             pipe.lrem(intermediate, 1, job.id)
-            pipe.hdel(f"{intermediate}:first_seen", job.id)  # see worker.rq_maintenance
+            pipe.hdel(first_seen_key(intermediate), job.id)  # see worker.rq_maintenance
             pipe.execute()
         self.executions[execution.id] = execution
         job._tagstream_prepared = True  # type: ignore[attr-defined]
@@ -291,8 +292,6 @@ class TagWorker(BaseWorker):
 
     def clean_registries(self) -> None:
         """rq's maintenance with bounded lock and intermediate-list waits (:mod:`worker.rq_maintenance`)."""
-        from worker.rq_maintenance import maintain_queue
-
         for queue in self.queues:
             maintain_queue(self, queue, maintenance_interval_s=self.settings.maintenance_interval_s,
                            stuck_after_s=self.settings.heartbeat_ttl_s, metrics=self.metrics)  # fmt: skip
