@@ -71,7 +71,7 @@ class ImageExtractor(nn.Module):
         self.class_names = imagenet_class_names()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.backbone.to(memory_format=torch.channels_last)
+        self.backbone.to(memory_format=torch.channels_last)  # Module.to(device or dtype) keeps the layout
         self.eval().requires_grad_(False)
 
     @property
@@ -81,11 +81,6 @@ class ImageExtractor(nn.Module):
     def train(self, mode: bool = True) -> ImageExtractor:
         """Stays in eval mode (frozen BatchNorm statistics) whatever the caller's mode."""
         return super().train(False)
-
-    def to(self, *args, **kwargs) -> ImageExtractor:  # type: ignore[override]
-        super().to(*args, **kwargs)
-        self.backbone.to(memory_format=torch.channels_last)
-        return self
 
     @torch.inference_mode()
     def forward(self, frames: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
