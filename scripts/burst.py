@@ -71,8 +71,7 @@ def run_burst(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.workers):
             ws = settings.model_copy(update={"metrics_port": free_port()})
             workers.append(lib.spawn_worker(args.worker_kind, ws, f"burst-w{i}", workdir / "logs"))
-        if not lib.wait_until(lambda: all(lib.scrape(w.metrics_port, "/readyz")[0] == 200 for w in workers), 900, 0.5):
-            raise RuntimeError("workers did not become ready")
+        lib.wait_ready(workers, 900)
         time.sleep(3)  # heartbeats and queue metrics settle
         baseline = lib.memory_info(conn)
         baseline_keys = lib.key_families(conn)
@@ -122,10 +121,7 @@ def run_burst(args: argparse.Namespace) -> dict[str, Any]:
         expired_keys = lib.key_families(conn)
         stream_len = conn.xlen("tagstream:tagged")
         rss_end = [w.rss_bytes() for w in workers]
-        for w in workers:
-            w.term()
-        for w in workers:
-            w.proc.wait(120)
+        exit_codes = lib.stop_workers(workers)
         peak = max(s["used_memory"] for s in samples)
         rss_peak = [max((s["rss"][i] or 0) for s in samples) for i in range(len(workers))]
         report = {
@@ -151,7 +147,7 @@ def run_burst(args: argparse.Namespace) -> dict[str, Any]:
                 "at_100pct": _rss_at(samples, 1.0, args.jobs), "peak": [round(r / MB, 1) for r in rss_peak],
                 "after_expiry": [None if r is None else round(r / MB, 1) for r in rss_end],
             },
-            "worker_exit_codes": [w.proc.returncode for w in workers],
+            "worker_exit_codes": exit_codes,
             "samples": samples,
             "total_s": round(time.monotonic() - t0, 1),
             "workdir": str(workdir),

@@ -87,8 +87,7 @@ def run_outage(args: argparse.Namespace) -> dict[str, Any]:
             workers.append(lib.spawn_worker(args.worker_kind, ws, f"outage-w{i}", workdir / "logs",
                                             delay_s=args.decode_delay_s))  # fmt: skip
         t_spawn = time.monotonic()
-        if not lib.wait_until(lambda: all(lib.scrape(w.metrics_port, "/readyz")[0] == 200 for w in workers), 600, 0.5):
-            raise RuntimeError("workers did not become ready")
+        lib.wait_ready(workers, 600)
         report["workers_ready_after_s"] = round(time.monotonic() - t_spawn, 1)
         video_ids = [f"outage-{i:05d}" for i in range(args.videos)]
         for i, vid in enumerate(video_ids):
@@ -150,11 +149,7 @@ def run_outage(args: argparse.Namespace) -> dict[str, Any]:
             "redis_up_after": [o["redis_up"] for o in after[-1][1]],
             "run_s_after_enqueue": round(time.monotonic() - t_enqueued, 1),
         })  # fmt: skip
-        for w in workers:
-            w.term()
-        for w in workers:
-            w.proc.wait(120)
-        report["worker_exit_codes"] = [w.proc.returncode for w in workers]
+        report["worker_exit_codes"] = lib.stop_workers(workers)
         report["verify"] = lib.verify(conn, settings, video_ids, args.job_retries)
         report["total_s"] = round(time.monotonic() - t0, 1)
         d = report["during"]

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,21 @@ def report_and_exit_status(report: dict[str, Any], json_path: Path | None, summa
         json_path.write_text(json.dumps(report, indent=2))
     print(summary(report))
     return 0 if report.get("ok", True) else 1
+
+
+def wait_ready(workers: list[WorkerProc], timeout_s: float) -> None:
+    """Wait until every worker's ``/readyz`` answers 200 (models loaded, Redis reachable)."""
+    if not wait_until(lambda: all(scrape(w.metrics_port, "/readyz")[0] == 200 for w in workers), timeout_s, 0.5):
+        raise RuntimeError("workers did not become ready")
+
+
+def stop_workers(workers: list[WorkerProc], timeout_s: float = 120.0) -> list[int | None]:
+    """SIGTERM every worker (a graceful stop), wait for each; returns their exit statuses."""
+    for w in workers:
+        w.term()
+    for w in workers:
+        w.proc.wait(timeout_s)
+    return [w.proc.returncode for w in workers]
 
 
 def kill_all(workers: list[WorkerProc], server: Any) -> None:
@@ -333,7 +349,7 @@ def verify(conn: redis.Redis, settings: Settings, video_ids: list[str], job_retr
         "tagged": len(tagged),
         "lost": sum(1 for v in video_ids if docs[v] is None),
         "failed": sum(1 for v in video_ids if docs[v] is not None and docs[v]["status"] != "tagged"),
-        "jobs_not_finished": {s or "missing": n for s, n in _count(statuses.values()).items() if s != "finished"},
+        "jobs_not_finished": {s or "missing": n for s, n in Counter(statuses.values()).items() if s != "finished"},
         "stuck_started": sum(1 for s in statuses.values() if s == "started") + qs["started"],
         "left_in_queue": qs["queued"],
         "left_in_intermediate": qs["intermediate"],
@@ -352,13 +368,6 @@ def verify(conn: redis.Redis, settings: Settings, video_ids: list[str], job_retr
         and report["failed_registry"] == 0 and report["stray_results"] == 0 and report["result_keys"] == len(video_ids)
     )  # fmt: skip
     return report
-
-
-def _count(values: Any) -> dict[Any, int]:
-    out: dict[Any, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 # --- the decode-only worker -----------------------------------------------------------------------------
