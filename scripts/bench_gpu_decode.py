@@ -70,8 +70,8 @@ def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
 
     torch.set_num_threads(1)
     c0 = time.process_time()
-    out = _collect(lambda: VideoSource(path, SamplingPolicy(fps=1.0, max_frames=300), limits(), hwaccel=hwaccel),
-                   keep)
+    policy = SamplingPolicy(fps=1.0, max_frames=300)
+    out = decode_source(lambda: VideoSource(path, policy, limits(), hwaccel=hwaccel), keep)
     return dict(out, cpu_s=time.process_time() - c0)
 
 
@@ -83,13 +83,14 @@ def decode_isolated(pool, path: str, keep: bool = True, hwaccel: str = "none") -
     from worker.decode import SamplingPolicy
 
     c0 = time.thread_time()
-    out = _collect(lambda: pool.source(path, SamplingPolicy(fps=1.0, max_frames=300), limits(), hwaccel=hwaccel),
-                   keep)
+    policy = SamplingPolicy(fps=1.0, max_frames=300)
+    out = decode_source(lambda: pool.source(path, policy, limits(), hwaccel=hwaccel), keep)
     return dict(out, cpu_s=time.thread_time() - c0)
 
 
-def _collect(open_source, keep: bool) -> dict:
-    """Frames and log-mel patches of the source ``open_source()`` opens; ``wall_s`` includes the open."""
+def decode_source(open_source, keep: bool) -> dict:
+    """Frames and log-mel patches of the source ``open_source()`` opens (a ``VideoSource`` or an isolated
+    one), as a pipeline decode thread makes them; ``wall_s`` includes the open. ``keep=False``: counts only."""
     import numpy as np
     import torch
 
@@ -117,21 +118,6 @@ def _collect(open_source, keep: bool) -> dict:
         out["frames"] = np.concatenate(frames) if frames else np.zeros((0, 224, 224, 3), np.uint8)
         out["patches_arr"] = np.concatenate(patches) if patches else np.zeros((0, 96, 64), np.float32)
     return out
-
-
-def processes_cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds so far of the live processes ``pids`` (from /proc; 0 for a gone one)."""
-    import os
-
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
 
 
 def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
@@ -233,7 +219,11 @@ class DecoderFarm:
         return self._children_cpu_s() - self._cpu0
 
     def _children_cpu_s(self) -> float:
-        return processes_cpu_s(self._decoders.pids()) if self.transport == "decoder-processes" else 0.0
+        if self.transport != "decoder-processes":
+            return 0.0
+        from bench_worker import proc_cpu_s
+
+        return sum(proc_cpu_s(pid) for pid in self._decoders.pids())
 
     def close(self) -> None:
         if self.transport == "process-pool":

@@ -25,12 +25,14 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_clips import Clip, default_cache, make_clips  # noqa: E402
+from bench_gpu_decode import decode_source  # noqa: E402
 from bench_worker import bench_settings, cpu_s, hwm_mb, load_warm_models, peak_rss_mb, rss, run_worker_batch  # noqa: E402
 
 DEFAULT_POINTS = "1:1,2:2,4:2,8:2,16:2,8:1,8:3"
@@ -40,8 +42,7 @@ def decode_only(clips: list[Clip], threads: int) -> dict:
     """The pipeline's decode work for ``clips`` on ``threads`` threads, nothing downstream: the same
     source (a decode-pool child with ``decode_isolation``, else an in-thread ``VideoSource``) and the same
     VGGish patching of the audio in the decode thread."""
-    from model.audio_frontend import PatchStream
-    from worker.decode import DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
+    from worker.decode import DecodeLimits, SamplingPolicy, VideoSource
 
     settings = bench_settings(decode_threads=threads, allowed_roots=[str(clips[0].path.parent)])
     policy = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames)
@@ -63,20 +64,13 @@ def decode_only(clips: list[Clip], threads: int) -> dict:
                 clip = todo.get_nowait()
             except queue.Empty:
                 return
-            frames = patches = 0
-            kwargs = {"crop_size": 224, "resize_short": 256}
-            source = (pool.source(str(clip.path), policy, limits, **kwargs) if pool is not None
-                      else VideoSource(str(clip.path), policy, limits, **kwargs))
-            with source as src:
-                patcher = PatchStream()
-                for chunk in src.chunks():
-                    if isinstance(chunk, FrameChunk):
-                        frames += len(chunk.frames)
-                    else:
-                        patches += len(patcher.push(chunk.samples).numpy())
+            uri = str(clip.path)
+            open_source = (partial(pool.source, uri, policy, limits) if pool is not None
+                           else partial(VideoSource, uri, policy, limits))  # crop 224, short side 256: the defaults
+            r = decode_source(open_source, keep=False)
             with lock:
-                counts["frames"] += frames
-                counts["patches"] += patches
+                counts["frames"] += r["frames_sampled"]
+                counts["patches"] += r["patches"]
 
     c0, t0 = cpu_s(), time.time()
     pool_threads = [threading.Thread(target=work) for _ in range(threads)]
