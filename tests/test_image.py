@@ -149,4 +149,3 @@ def test_extractor_stays_frozen(lite0: ImageExtractor) -> None:
     lite0.train()
     assert not lite0.training and not lite0.backbone.training
     assert not any(p.requires_grad for p in lite0.parameters())
-
