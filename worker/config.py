@@ -8,12 +8,13 @@ comma-separated in both (``TAGSTREAM_ALLOWED_ROOTS=/data,/media``).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.cpu_budget import cpu_budget
 
 CsvList = Annotated[list[str], NoDecode]
 
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
 
     # --- worker lifecycle ---------------------------------------------------------------------------
     concurrency: int = Field(8, ge=1, description="K: jobs in flight per worker process.")
-    decode_threads: int = Field(0, ge=0, description="Decode threads; 0 means the CPU count.")
+    decode_threads: int = Field(0, ge=0, description="Decode threads; 0 means the CPU budget (affinity mask and cgroup quota).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a worker renews its own and its jobs' heartbeats.")
     heartbeat_ttl_s: float = Field(20.0, gt=0, description="A job whose worker stops beating is orphaned after this.")
     maintenance_interval_s: float = Field(10.0, gt=0, description="How often a worker collects orphaned jobs.")
@@ -70,7 +71,7 @@ class Settings(BaseSettings):
     fusion_batch_size: int = Field(32, ge=1, description="Max videos per fusion-model batch.")
     batch_max_wait_s: float = Field(0.02, ge=0, description="Max wait for a batch to fill.")
     inference_threads: int = Field(
-        0, ge=0, description="Extractor batches run at once (0: the CPU count on CPU, 1 on GPU)."
+        0, ge=0, description="Extractor batches run at once (0: the CPU budget on CPU, 1 on GPU)."
     )
 
     # --- sampling and decode limits -----------------------------------------------------------------
@@ -119,7 +120,9 @@ class Settings(BaseSettings):
         return value
 
     def resolved_decode_threads(self) -> int:
-        return self.decode_threads or os.cpu_count() or 1
+        """``decode_threads``, or for 0: the CPUs this process may use (:func:`worker.cpu_budget.cpu_budget`:
+        affinity mask and cgroup quota, not the node's CPU count)."""
+        return self.decode_threads or cpu_budget().cpus
 
     def resolved_image_batch_size(self, device_type: str) -> int:
         """``image_batch_size``, or for 0: 64 on an accelerator, 8 on CPU. On CPU a large batch gains
@@ -131,10 +134,11 @@ class Settings(BaseSettings):
         return 8 if device_type == "cpu" else 64
 
     def resolved_inference_threads(self, device_type: str) -> int:
-        """``inference_threads``, or for 0: the CPU count on a CPU device, 1 on an accelerator."""
+        """``inference_threads``, or for 0: the CPU budget on a CPU device (as for decode threads), 1 on an
+        accelerator."""
         if self.inference_threads:
             return self.inference_threads
-        return (os.cpu_count() or 1) if device_type == "cpu" else 1
+        return cpu_budget().cpus if device_type == "cpu" else 1
 
 
 def _flag(name: str) -> str:
