@@ -26,4 +26,6 @@ if [ "$(uname -sm)" != "Linux x86_64" ]; then
 fi
 .venv/bin/python -m pip install --quiet "pip==$PIP_VERSION"
 .venv/bin/python -m pip install --quiet --require-hashes -r "$lock"
-.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+# setuptools warns at every editable install that same-named folders in the working directory may shadow
+# the package (here they *are* the package); the warning says nothing actionable, so it is silenced.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
