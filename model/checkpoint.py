@@ -84,7 +84,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
     os.replace(tmp, out / WEIGHTS)
     version = weights_version(out / WEIGHTS)
-    _atomic_write(out / LABELS, "".join(label + "\n" for label in labels.labels).encode("utf-8"))
+    _atomic_write(out / LABELS, labels.to_text().encode("utf-8"))  # keeps aliases and unused outputs
     if chars is not None:
         _atomic_write(out / CHARS, json.dumps(chars.to_dict(), ensure_ascii=False).encode("utf-8"))
     elif (out / CHARS).exists():

@@ -2,7 +2,9 @@
 
 Accepted folder layout (MVT keeps these under ``datasets/``; point us at that folder)::
 
-    class.txt                  one "level1-level2" label per line (an optional "\\t<index>" column is honoured)
+    class.txt                  one "level1-level2" label per line, optionally "\\t<index>"; read as MVT's
+                               ``load_class_file`` reads it (model/labels.py: blank lines keep their
+                               index, names sharing an index are aliases of one output)
     train.txt  val.txt  test.txt
                                TSV without header: ``url_or_file \\t title \\t label1,label2``
                                (``train.list`` / ``val.list`` / ``test.list`` are accepted too)
@@ -11,11 +13,12 @@ Accepted folder layout (MVT keeps these under ``datasets/``; point us at that fo
                                 'label': [...]}
 
 Reading follows MVT's ``FeatureReader``: pickles are loaded with ``encoding='iso-8859-1'`` (they were
-written by Python 2); an empty ``audio_pkl`` becomes ``zeros((10, 128))`` exactly as MVT does (so a
-model trained there and here sees the same input; pass ``empty_audio_zeros=False`` to keep it empty
-and let the model mask it instead); a missing/NaN title is ""; rows whose labels are all outside
-``class.txt`` are skipped, as are rows whose pickle is missing (with a warning); a repeated url keeps
-its first row. Labels in the TSV win over the pickle's ``label`` field.
+written by Python 2, whose ``str`` fields therefore arrive as latin-1 ``str``); an empty ``audio_pkl``
+becomes ``zeros((10, 128))`` exactly as MVT does (so a model trained there and here sees the same
+input; pass ``empty_audio_zeros=False`` to keep it empty and let the model mask it instead); a
+missing/NaN title is ""; rows none of whose labels is a name in ``class.txt`` (a label or an alias)
+are skipped, as are rows whose pickle is missing (with a warning); a repeated url keeps its first
+row. Labels in the TSV win over the pickle's ``label`` field.
 
 Time stamps: MVT's features are about one frame per second, so frame i is at ``i / fps`` seconds
 (``fps`` = 1.0 by default) and the duration is ``T1 / fps``.
@@ -24,14 +27,18 @@ Text: these pickles carry no text features; the title string feeds the character
 encoder can be supplied (``text_encoder``: titles -> list of (L, D) arrays, with its id and dim) for
 the encoder branch; model/ has none of its own, so the ``tagstream train`` command uses chars only.
 
-Pickles can run code when loaded: read only data sets you trust (MVT's own format requires pickle).
+Safety: a pickle can name any function to call while it is loaded (``os.system`` included). The
+per-video pickles are therefore read with :mod:`model.safe_pickle`, which resolves only what plain
+data and NumPy arrays need (as Python 2 and 3 NumPy write them) and raises
+:class:`model.safe_pickle.UnsafePickleError` (naming the file and the refused global) for anything
+else, before calling it: opening a folder (which reads the first pickle for the image width) or
+loading a video never runs code from the folder.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +46,7 @@ import numpy as np
 
 from model.features import VideoFeatures
 from model.labels import LabelSet
+from model.safe_pickle import load_file
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,7 @@ class MVTDataset:
         self.empty_audio_zeros = empty_audio_zeros
         self.text_encoder = text_encoder
         self.labels = LabelSet.from_file(self.root / "class.txt")
-        known = set(self.labels.labels)
+        known = set(self.labels.index)  # labels and their aliases
         self.rows: dict[str, tuple[str, str, list[str]]] = {}  # url -> (split, title, labels)
         for split in SPLITS:
             for name in (f"{split}.txt", f"{split}.list"):
@@ -120,8 +128,8 @@ class MVTDataset:
         return self.root / FEATURE_DIR / (pickle_stem(url) + ".pkl")
 
     def _read(self, url: str) -> dict:
-        with self._pickle(url).open("rb") as f:
-            return pickle.load(f, encoding="iso-8859-1")
+        """The video's pickle, loaded with the restricted unpickler (never runs code; see above)."""
+        return load_file(self._pickle(url), encoding="iso-8859-1")
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,5 +1,7 @@
 """Fusion model: shapes, masking (padding changes nothing), attention, exact logit decomposition,
-text fallback, modality switches, overfitting a tiny set, labels/chars, and per-tag segments."""
+text fallback, modality switches, overfitting a tiny set, labels/chars, and per-tag segments; and
+tests that fail when a mechanism is removed: the title guiding the attention, the padding mask,
+segments from the attention, level-1 scores from their level-2 tags."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from model.chars import CharVocab
+from model.checkpoint import LoadedCheckpoint
 from model.collate import collate
 from model.features import VideoFeatures
-from model.fusion import FusionConfig, FusionModel
+from model.fusion import FusionConfig, FusionModel, GuidedAttention
 from model.labels import LabelSet
-from model.predict import segments_from_contributions
+from model.predict import Tagger, segments_from_contributions
 from model.textcnn import TextCNN
 
 LABELS = LabelSet(["动物-猫", "动物-狗", "游戏-射击", "游戏-赛车", "美食-烘焙"])
@@ -196,3 +200,152 @@ def test_segments_from_contributions():
     segs = segments_from_contributions(contrib, times, duration=7.0, spacing=1.0, threshold=0.5)
     assert segs == [[1.0, 3.0], [5.0, 7.0]]
     assert segments_from_contributions(-np.ones(3), times[:3], duration=3, spacing=1.0) == []
+
+
+# --- every mechanism must matter: each test below fails when its mechanism is removed ---------------
+
+
+def test_attention_weights_depend_on_the_title(setup):
+    """Text-guided attention: the same frames and audio under two titles get different weights (the
+    guide reaches the attention), and a missing title (the learned fallback query) differs again."""
+    videos, chars, model = setup
+    v = videos[0]
+    rng = np.random.default_rng(5)
+    cat = run(model, [replace(v, title="可爱的猫咪")], chars)
+    car = run(model, [replace(v, title="赛车 game", text=rng.normal(size=(4, DT)))], chars)
+    none = run(model, [replace(v, title="", text=np.zeros((0, DT)))], chars)
+    for name in ("image_attention", "audio_attention"):
+        a, b, c = getattr(cat, name), getattr(car, name), getattr(none, name)
+        assert (a - b).abs().max().item() > 1e-4, name
+        assert (a - c).abs().max().item() > 1e-4 and (b - c).abs().max().item() > 1e-4, name
+        # each is still a distribution over the same valid steps
+        for w in (a, b, c):
+            assert w.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_attention_masks_padding_exactly():
+    """Padded steps get weight exactly 0, and padding (any amount, any values) changes no weight of a
+    valid step; a sequence with no valid step gets all-zero weights."""
+    torch.manual_seed(3)
+    attention = GuidedAttention(state_dim=6, text_dim=4, attention_dim=5).eval()
+    h = torch.randn(3, 7, 6)
+    text = torch.randn(3, 4)
+    lengths = torch.tensor([7, 3, 0])
+    mask = torch.arange(7)[None, :] < lengths[:, None]
+    h_noisy = h.clone()
+    h_noisy[~mask] = 1e4 * torch.randn(int((~mask).sum()), 6)  # huge values where there is padding
+    with torch.no_grad():
+        for states in (h, h_noisy):
+            w = attention(states, mask, text)
+            assert torch.all(w[~mask] == 0)
+            assert w[0].sum().item() == pytest.approx(1.0, abs=1e-6) and w[1].sum().item() == pytest.approx(1.0, abs=1e-6)
+            assert torch.all(w[2] == 0)
+            # the weights of video 1 (3 steps) equal those it gets with no padding at all
+            alone = attention(h[1:2, :3], mask[1:2, :3], text[1:2])
+            assert torch.allclose(w[1, :3], alone[0], atol=1e-6)
+
+
+def test_padding_changes_no_attention_weight_in_the_model(setup):
+    videos, chars, model = setup
+    together = run(model, videos, chars)
+    for i, v in enumerate(videos):
+        alone = run(model, [v], chars)
+        n, m = len(v.image), len(v.audio)
+        assert torch.all(together.image_attention[i, n:] == 0) and torch.all(together.audio_attention[i, m:] == 0)
+        assert torch.allclose(alone.image_attention[0], together.image_attention[i, :n], atol=1e-6), i
+        assert torch.allclose(alone.audio_attention[0, :m], together.audio_attention[i, :m], atol=1e-6), i
+
+
+class _FixedAttention(nn.Module):
+    """Wraps a GuidedAttention: ``ignore`` zeroes one frame's weight (the rest renormalised), ``only``
+    puts all weight on one frame. The BiLSTM states are untouched."""
+
+    def __init__(self, inner: nn.Module, *, ignore: int | None = None, only: int | None = None) -> None:
+        super().__init__()
+        self.inner, self.ignore, self.only = inner, ignore, only
+
+    def forward(self, h, mask, text):
+        alpha = self.inner(h, mask, text).clone()
+        if self.only is not None:
+            alpha = torch.zeros_like(alpha)
+            alpha[:, self.only] = 1.0
+        if self.ignore is not None:
+            alpha[:, self.ignore] = 0.0
+            alpha = alpha / alpha.sum(dim=1, keepdim=True)
+        return alpha
+
+
+def _tagger_and_evidence(setup, n_frames=8):
+    """A one-video Tagger returning every label, and that video's per-frame, per-label head terms
+    ``w_c . h_t`` (what each frame would add to logit c at full attention)."""
+    _, chars, model = setup
+    rng = np.random.default_rng(11)
+    v = video(rng, 9, n_frames, 4, 3, "可爱的猫咪")
+    ckpt = LoadedCheckpoint(model, model.config, LABELS, chars, {}, {"fps": 1.0}, "test")
+    tagger = Tagger(ckpt, top_k=len(LABELS))
+    with torch.no_grad():
+        out = model(collate([v], labels=None, chars=chars))
+        evidence = (out.image_states @ model.head.weight[:, model.head_slices["image"]].T)[0]  # (T, C)
+    return tagger, v, evidence.numpy()
+
+
+def _covers(segment, t):
+    return segment[0] < t < segment[1]
+
+
+def test_a_frame_the_attention_ignores_is_in_no_segment(setup):
+    """Segments come from the attention: the frame with the strongest evidence of all, given weight 0,
+    appears in no tag's segment (without the attention in the per-frame terms it would be the peak)."""
+    tagger, v, evidence = _tagger_and_evidence(setup)
+    k, c = np.unravel_index(np.argmax(evidence), evidence.shape)
+    assert evidence[k, c] > 0
+    model = tagger.model
+    original = model.attentions["image"]
+    model.attentions["image"] = _FixedAttention(original, ignore=int(k))
+    try:
+        tags = tagger.predict([v])[0].tags
+    finally:
+        model.attentions["image"] = original
+    assert any(t.segments for t in tags)  # not vacuous: other frames do make segments
+    for t in tags:
+        assert not any(_covers(s, v.image_times[k]) for s in t.segments), (t.label, t.segments, k)
+
+
+def test_segments_follow_the_attention(setup):
+    """All attention on frame j: a tag whose head term at j is positive gets exactly frame j's
+    interval, every other tag gets no segment."""
+    tagger, v, evidence = _tagger_and_evidence(setup)
+    # a frame where some labels have positive and some negative evidence
+    j = next(t for t in range(len(evidence)) if (evidence[t] > 0).any() and (evidence[t] <= 0).any())
+    model = tagger.model
+    original = model.attentions["image"]
+    model.attentions["image"] = _FixedAttention(original, only=j)
+    try:
+        tags = {t.label: t.segments for t in tagger.predict([v])[0].tags}
+    finally:
+        model.attentions["image"] = original
+    t_j = float(v.image_times[j])
+    for c, label in enumerate(LABELS.labels):
+        expected = [[t_j - 0.5, t_j + 0.5]] if evidence[j, c] > 0 else []
+        assert tags[label] == expected, (label, evidence[j, c])
+
+
+def test_level1_score_is_the_max_of_its_level2_scores(setup):
+    """model/labels.py: a level-1 category scores the maximum of its children's probabilities. Checked
+    on the label set itself (numpy and torch) and on what the Tagger returns."""
+    rng = np.random.default_rng(2)
+    probs = rng.random((64, len(LABELS)))
+    children = {"动物": [0, 1], "游戏": [2, 3], "美食": [4]}
+    assert dict(zip(LABELS.level1, LABELS.children, strict=True)) == children
+    expected = np.stack([probs[:, idx].max(axis=1) for idx in children.values()], axis=1)
+    np.testing.assert_array_equal(LABELS.level1_scores(probs), expected)
+    np.testing.assert_array_equal(LABELS.level1_scores(torch.from_numpy(probs)).numpy(), expected)
+    videos, chars, model = setup
+    ckpt = LoadedCheckpoint(model, model.config, LABELS, chars, {}, {"fps": 1.0}, "test")
+    for pred in Tagger(ckpt, top_k=len(LABELS)).predict(videos):
+        tags = {t.label: t.score for t in pred.tags}
+        assert len(pred.categories) == len(children)
+        for name, score in pred.categories:
+            assert score == pytest.approx(max(tags[LABELS.labels[i]] for i in children[name]), abs=1e-7)
+        scores = [score for _, score in pred.categories]
+        assert scores == sorted(scores, reverse=True)

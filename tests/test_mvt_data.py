@@ -1,16 +1,24 @@
-"""MultimodalVideoTag's own format: a small set written exactly that way loads and trains."""
+"""MultimodalVideoTag's own format: a small set written exactly that way loads and trains; its pickles
+never run code; class.txt maps names to MVT's indices; evaluate falls back to val."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
 
 import numpy as np
 import pytest
+from test_safe_loading import PY2_PROTOCOL2
 
+from model.checkpoint import load_checkpoint
 from model.feature_store import open_features
+from model.labels import LabelSet
 from model.mvt_data import MVTDataset
+from model.safe_pickle import UnsafePickleError
 from model.train import TrainOptions, train
+from worker.cli import main
 
 CLASSES = ["拍人-帅哥", "拍人-秀特效", "美食-烘焙", "游戏-射击"]
 
@@ -88,3 +96,147 @@ def test_list_file_names_accepted(tmp_path, name):
     root = write_mvt(tmp_path / "datasets")
     (root / "train.txt").rename(root / name)
     assert MVTDataset(root).splits()["train"] == 8
+
+
+# --- safety: opening a folder or reading a video never runs code from it ---------------------------
+
+
+class Payload:
+    """Runs ``touch MARKER`` when loaded by the standard unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(root, stem, marker):
+    """Replace feature_files/<stem>.pkl with a pickle whose loading would run a command."""
+    path = root / "feature_files" / f"{stem}.pkl"
+    record = {"video": stem, "feature": {"image_pkl": Payload(marker), "audio_pkl": np.zeros((0, 128))}}
+    path.write_bytes(pickle.dumps(record, protocol=2))
+    return path
+
+
+def test_opening_a_folder_with_a_code_pickle_refuses_it(tmp_path):
+    root = write_mvt(tmp_path / "datasets")
+    marker = tmp_path / "pwned"
+    path = plant(root, "0000", marker)  # the first video: read when the folder is opened (image width)
+    with pytest.raises(UnsafePickleError, match=f"{path}: refused global '{os.system.__module__}.system'"):
+        open_features(root)
+    assert not marker.exists()
+
+
+def test_reading_a_code_pickle_refuses_it(tmp_path):
+    root = write_mvt(tmp_path / "datasets")
+    marker = tmp_path / "pwned"
+    path = plant(root, "0005", marker)
+    ds = open_features(root)  # opening reads 0000 only
+    assert ds.load("http://example.com/videos/0004.mp4").image.shape[1] == 32
+    with pytest.raises(UnsafePickleError) as info:
+        ds.load("http://example.com/videos/0005.mp4")
+    assert info.value.path == str(path) and info.value.refused == f"global '{os.system.__module__}.system'"
+    assert "only plain data and numpy arrays are allowed" in str(info.value)
+    assert not marker.exists()
+
+
+def test_python2_and_python3_pickles_give_the_same_arrays(tmp_path):
+    root = write_mvt(tmp_path / "datasets")
+    image = np.arange(6, dtype=np.float32).reshape(2, 3) / 4  # what PY2_PROTOCOL2 holds
+    (root / "feature_files" / "0000.pkl").write_bytes(PY2_PROTOCOL2)  # written by Python 2 + NumPy 1.16
+    py3 = {"video": "http://example.com/猫.mp4", "label": ["0"],
+           "feature": {"image_pkl": image, "audio_pkl": np.zeros((0, 128), np.float32)}}
+    for stem, protocol in (("0004", 5), ("0008", 2)):
+        (root / "feature_files" / f"{stem}.pkl").write_bytes(pickle.dumps(py3, protocol=protocol))
+    ds = MVTDataset(root)
+    assert ds.dims["image"] == 3  # the image width comes from the first (Python 2) pickle
+    loaded = [ds.load(f"http://example.com/videos/{stem}.mp4") for stem in ("0000", "0004", "0008")]
+    for v in loaded:
+        assert v.image.dtype == np.float32 and np.array_equal(v.image, image)
+        assert v.audio.shape == (10, 128) and not v.audio.any()  # empty audio -> zeros(10, 128), as MVT
+
+
+# --- class.txt: the indices MVT's reader gives ------------------------------------------------------
+
+
+def test_class_file_blank_lines_and_aliases_map_as_mvt(tmp_path):
+    """MVT's load_class_file: index = the line's number (blank lines counted), or the second column
+    when a line has exactly two; a name seen again takes the later index; names sharing an index are
+    one output. MVT's inference prints, for an index, the name it inserted last into that dict."""
+    root = write_mvt(tmp_path / "datasets")
+    (root / "class.txt").write_text(
+        "拍人-帅哥\n"  # line 0 -> 0
+        "\n"  # line 1: blank, index 1 named by nothing
+        "拍人-秀特效\n"  # line 2 -> 2
+        "美食-烘焙\t3\n"  # line 3 -> 3
+        "美食-甜点\t3\n"  # line 4 -> 3: an alias of 美食-烘焙 (index 4 named by nothing)
+        "游戏-射击\n"  # line 5 -> 5
+        "拍人-靓仔\t0\n"  # line 6 -> 0: an alias of 拍人-帅哥
+        "  \n",  # line 7: blank (whitespace only), past the last index: no output
+        encoding="utf-8",
+    )
+    (root / "feature_files" / "0100.pkl").write_bytes((root / "feature_files" / "0000.pkl").read_bytes())
+    (root / "train.txt").write_text(
+        (root / "train.txt").read_text("utf-8") + "http://example.com/videos/0100.mp4\t别名\t美食-甜点,拍人-靓仔\n",
+        encoding="utf-8")
+    ds = MVTDataset(root)
+    labels = ds.labels
+    assert labels.index == {"拍人-帅哥": 0, "拍人-靓仔": 0, "拍人-秀特效": 2, "美食-烘焙": 3, "美食-甜点": 3,
+                            "游戏-射击": 5}
+    assert len(labels) == 6 and labels.unused == {1, 4}
+    assert labels.labels == ["拍人-靓仔", "<unused:1>", "拍人-秀特效", "美食-甜点", "<unused:4>", "游戏-射击"]
+    assert labels.aliases == {"拍人-帅哥": 0, "美食-烘焙": 3}
+    assert labels.level1 == ["拍人", "美食", "游戏"] and labels.children == [[0, 2], [3], [5]]
+    assert labels.parent.tolist() == [0, -1, 0, 1, -1, 2]
+    # an alias and its label give the same target
+    np.testing.assert_array_equal(labels.encode(["美食-甜点"]), labels.encode(["美食-烘焙"]))
+    np.testing.assert_array_equal(labels.encode(["拍人-帅哥", "美食-甜点"]), [1, 0, 0, 1, 0, 0])
+    # a row whose labels are all aliases is kept (they are known names) and targets their outputs
+    alias_row = ds.load("http://example.com/videos/0100.mp4")
+    assert alias_row.labels == ["美食-甜点", "拍人-靓仔"] and ds.splits()["train"] == 9
+    np.testing.assert_array_equal(labels.encode(alias_row.labels), [1, 0, 0, 1, 0, 0])
+    # level-1 scores: the max over the used children only
+    probs = np.array([[0.1, 0.99, 0.3, 0.2, 0.99, 0.6]])
+    np.testing.assert_allclose(labels.level1_scores(probs), [[0.3, 0.2, 0.6]])
+    # written and read back (labels.txt of checkpoints and stores): the same set, the same hash
+    labels.to_file(tmp_path / "labels.txt")
+    again = LabelSet.from_file(tmp_path / "labels.txt")
+    assert again == labels and again.hash() == labels.hash() and again.index == labels.index
+    assert LabelSet(["a-x", "b-y"]).to_text() == "a-x\nb-y\n"  # a plain set keeps the plain form
+
+
+def test_class_file_index_that_is_not_a_number_is_an_error(tmp_path):
+    (tmp_path / "class.txt").write_text("a-x\nb-y\tone\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"class.txt:2: index 'one'"):
+        LabelSet.from_file(tmp_path / "class.txt")
+    (tmp_path / "class.txt").write_text("a-x\t-1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a non-negative integer"):
+        LabelSet.from_file(tmp_path / "class.txt")
+    (tmp_path / "class.txt").write_text("a-x\t3\tmore\n", encoding="utf-8")  # three fields: the line number
+    assert LabelSet.from_file(tmp_path / "class.txt").index == {"a-x": 0}
+
+
+def test_train_and_evaluate_with_aliases_and_no_test_split(tmp_path, capsys, caplog):
+    """A checkpoint keeps the folder's aliases and unused outputs; ``tagstream evaluate`` on a folder
+    without test.txt evaluates val and says so."""
+    root = write_mvt(tmp_path / "datasets")
+    (root / "class.txt").write_text("拍人-帅哥\n\n拍人-秀特效\n美食-烘焙\n游戏-射击\n美食-甜点\t3\n", encoding="utf-8")
+    (root / "test.txt").unlink()
+    opts = TrainOptions(epochs=1, batch_size=4, image_hidden=8, audio_hidden=4, text_filters=4, char_dim=4,
+                        progress=False, device="cpu")
+    train(open_features(root), tmp_path / "ck", opts)
+    ckpt = load_checkpoint(tmp_path / "ck")
+    assert ckpt.labels == MVTDataset(root).labels and ckpt.labels.unused == {1}
+    assert ckpt.labels.aliases == {"美食-烘焙": 3}
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="model.evaluate"):
+        assert main(["evaluate", str(tmp_path / "ck"), str(root), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "val" and result["split_fallback_from"] == "test" and result["videos"] == 4
+    assert "no 'test' split" in caplog.text and "evaluating 'val' instead" in caplog.text
+    assert result["report"].endswith("eval_val.tsv") and result["per_class_ap"]["<unused:1>"] is None
+    # an explicit split that is not there: one error line and status 1, no traceback
+    caplog.clear()
+    assert main(["evaluate", str(tmp_path / "ck"), str(root), "--split", "test", "--device", "cpu"]) == 1
+    assert "no videos in split 'test'" in caplog.text
