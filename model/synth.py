@@ -75,7 +75,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
+
+from model.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -475,11 +476,12 @@ def _render_job(job: tuple[VideoSpec, str, int]) -> str:
     return spec.vid
 
 
-def generate(out_dir: str | os.PathLike, videos: int, seed: int, workers: int = 1) -> Path:
+def generate(out_dir: str | os.PathLike, videos: int, seed: int, workers: int = 1, progress: bool = True) -> Path:
     """Write (or complete) the data set in ``out_dir`` and return its path.
 
     Videos already present are kept, so an interrupted run resumes; a folder generated with another
-    seed or generator version is refused (ValueError) rather than mixed.
+    seed or generator version is refused (ValueError) rather than mixed. ``progress``: a bar on a
+    terminal, periodic log lines otherwise (:class:`model.progress.Progress`); False shows neither.
     """
     if videos < 1:
         raise ValueError("videos must be >= 1")
@@ -513,7 +515,7 @@ def generate(out_dir: str | os.PathLike, videos: int, seed: int, workers: int = 
     jobs = [(s, str(out / "videos" / f"{s.vid}.mp4"), seed) for s in specs
             if not (out / "videos" / f"{s.vid}.mp4").exists()]
     log.info("%d videos in %s, %d to render with %d worker(s)", videos, out, len(jobs), workers)
-    bar = tqdm(total=len(jobs), desc="synth", unit="video")
+    bar = Progress(len(jobs), "synth", unit="video", enabled=progress, logger=log)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -534,12 +536,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--videos", type=int, default=2000, help="number of videos (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed: fixes labels, titles, content, split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render processes")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (on a terminal) or progress log lines (otherwise)")
     parser.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = generate(args.out_dir, args.videos, args.seed, workers=args.workers)
+        out = generate(args.out_dir, args.videos, args.seed, workers=args.workers, progress=not args.no_progress)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

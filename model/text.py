@@ -116,8 +116,10 @@ def build_text_encoder(
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder: directory {str(path)!r} does not exist")
         extractor_id = f"{path.resolve().name}.{file_sha12(weights_file(path))}"
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    # trust_remote_code=False: a directory that ships its own modelling code is refused, never run (unset,
+    # transformers would ask on stdin)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32, trust_remote_code=False)
     encoder = TextEncoder(tokenizer, model, extractor_id)
     dev = resolve_device(device)
     log.info("text encoder %s (%d-d) from %s on %s", extractor_id, encoder.feature_dim, path, dev)

@@ -655,7 +655,8 @@ class Bench:
 
             d = Path(self.args.text_dir) if self.args.text_dir else None
             if d is not None and (d / "tokenizer_config.json").is_file():
-                tok, cfg = AutoTokenizer.from_pretrained(d, local_files_only=True), AutoConfig.from_pretrained(d)
+                tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+                cfg = AutoConfig.from_pretrained(d, local_files_only=True, trust_remote_code=False)
                 source = "RANDOM weights (package not installed), MiniLM-L6 config + tokenizer"
             else:
                 tok, cfg = None, BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,

@@ -1,9 +1,12 @@
 """/metrics, /healthz and /readyz of a live in-process worker (real pipeline and models, real Redis);
 the exposition passes `promtool check metrics`. The ``tagstream worker`` process's endpoints are
-exercised in tests/test_rq_worker.py and tests/test_prometheus_live.py."""
+exercised in tests/test_rq_worker.py and tests/test_prometheus_live.py. Then, on a bare server:
+prometheus_client's content negotiation (OpenMetrics, gzip), the process/platform/GC collectors, and
+stage buckets that resolve the fast stages. /healthz liveness: tests/test_health_liveness.py."""
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 import urllib.error
@@ -16,7 +19,7 @@ from worker_support import InProcessWorker, small_video, wait_for, worker_settin
 
 from worker.client import submit
 from worker.health import HealthServer
-from worker.metrics import Metrics
+from worker.metrics import STAGE_BUCKETS, Metrics
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +96,82 @@ def test_live_worker_metrics_and_health(redis_url, tmp_path, promtool):
     finally:
         live.stop()
         server.stop()
+
+
+def _request(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+
+
+@pytest.fixture()
+def bare_server():
+    """A HealthServer over a fresh Metrics registry, no worker behind it."""
+    metrics = Metrics()
+    server = HealthServer("127.0.0.1", 0, metrics.registry, lambda: True).start()
+    try:
+        yield metrics, f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
+def test_metrics_content_negotiation_openmetrics_and_gzip(bare_server):
+    """/metrics is prometheus_client's exposition: Prometheus text by default, OpenMetrics when the
+    Accept header asks for it (ends with '# EOF'), gzip when Accept-Encoding allows it."""
+    metrics, base = bare_server
+    metrics.videos.labels("tagged").inc()
+    status, headers, body = _request(base + "/metrics", {})
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "content-encoding" not in headers and b"# EOF" not in body
+    assert b'tagstream_videos_total{outcome="tagged"} 1.0' in body
+
+    status, headers, body = _request(base + "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and headers["content-type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    assert b'tagstream_videos_total{outcome="tagged"} 1.0' in body
+
+    status, headers, body = _request(base + "/metrics", {"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    assert b"tagstream_videos_total" in gzip.decompress(body)
+    # the health endpoints and unknown paths are not the exposition
+    assert get(base + "/healthz") == (200, "ok\n")
+    assert get(base + "/readyz") == (200, "ready\n")
+    assert get(base + "/nothing")[0] == 404
+
+
+def test_process_and_platform_collectors_are_exported(bare_server):
+    """The worker's own registry carries prometheus_client's process, platform and GC collectors."""
+    _, base = bare_server
+    status, text = get(base + "/metrics")
+    assert status == 200
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds", "python_info", "python_gc_collections_total"):
+        assert name in samples, name
+    assert samples["process_resident_memory_bytes"].value > 0
+    assert samples["python_info"].labels["implementation"]
+
+
+def test_stage_buckets_resolve_fast_stages():
+    """Audio (~0.3 ms) and fusion (~6 ms) observations land in distinct buckets, neither the first,
+    each bucket at most 2x wide; the top bucket still holds an hour and the alert threshold (120 s)
+    is a bucket boundary."""
+    bounds = list(STAGE_BUCKETS)
+    assert bounds == sorted(bounds) and bounds[-1] >= 3600 and 120 in bounds
+    assert all(hi / lo <= 2.0 + 1e-9 for lo, hi in zip(bounds, bounds[1:], strict=False))
+
+    metrics = Metrics()
+    metrics.stage_seconds.labels("audio").observe(0.0003)
+    metrics.stage_seconds.labels("fusion").observe(0.006)
+    value = metrics.registry.get_sample_value
+
+    def bucket_of(stage: str) -> int:
+        """Index of the first bucket whose cumulative count includes the one observation."""
+        return next(i for i, b in enumerate(bounds)
+                    if value("tagstream_stage_duration_seconds_bucket", {"stage": stage, "le": str(float(b))}) == 1)
+
+    audio, fusion = bucket_of("audio"), bucket_of("fusion")
+    assert 0 < audio < fusion
+    for index, observed in ((audio, 0.0003), (fusion, 0.006)):
+        assert bounds[index - 1] < observed <= bounds[index]
+        assert bounds[index] / bounds[index - 1] <= 2.0 + 1e-9

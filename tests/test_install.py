@@ -13,7 +13,7 @@ import pytest
 from worker.lockfile import installed_lock_mismatches, read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = "%d.%d" % sys.version_info[:2]
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 @pytest.mark.parametrize("kind", ["dev", "runtime"])

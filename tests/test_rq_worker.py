@@ -317,3 +317,42 @@ def test_grace_period_over_hands_jobs_back(redis_url, tmp_path):
         assert set(tag_queue(conn, settings).job_ids) == {job_id_for("gr-a"), job_id_for("gr-b")}
     finally:
         server.close()
+
+
+def rq_info_worker_state(redis_url: str, name: str) -> str | None:
+    """The state the real ``rq info`` command shows for worker ``name`` (None when it lists none)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("rq")), "info", "--url", redis_url,
+                           "--serializer", "json", "--only-workers", "--raw"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith(f"worker {name} ("):
+            return line.split(") ", 1)[1].split(" ", 1)[0]
+    return None
+
+
+def test_rq_info_shows_idle_and_busy(redis_url, tmp_path):
+    """rq's worker state follows the jobs in flight: ``idle`` before any job, ``busy`` while one is held
+    (also after a second, quick job finished next to it), ``idle`` again once the held one finished."""
+    video = small_video(tmp_path / "v.mp4")
+    server = MediaServer({"held.mp4": video})
+    gate = server.hold("held.mp4")
+    conn = redis.Redis.from_url(redis_url)
+    settings = worker_settings(redis_url, [str(tmp_path)], concurrency=2)
+    name = "state-worker"
+    try:
+        with InProcessWorker(settings, name=name):
+            wait_for(lambda: rq_info_worker_state(redis_url, name) == "idle", 60, "rq info: idle before any job")
+            submit(conn, "st-held", server.url("held.mp4"), "", settings)
+            wait_for(lambda: server.requests("held.mp4") == 1, 60, "the held job to start")
+            assert rq_info_worker_state(redis_url, name) == "busy"
+            submit(conn, "st-quick", str(video), "", settings)
+            wait_for(lambda: statuses(conn, ["st-quick"]) == ["finished"], 60, "the quick job")
+            assert statuses(conn, ["st-held"]) == ["started"]
+            assert rq_info_worker_state(redis_url, name) == "busy"  # one job is still in flight
+            gate.set()
+            wait_for(lambda: statuses(conn, ["st-held"]) == ["finished"], 60, "the held job")
+            wait_for(lambda: rq_info_worker_state(redis_url, name) == "idle", 30, "rq info: idle after the jobs")
+    finally:
+        gate.set()
+        server.close()

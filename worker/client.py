@@ -11,6 +11,11 @@ backlog, and orphan recovery time stays bounded by the heartbeat TTL + maintenan
 Enqueueing a video whose job still exists (queued, running, or finished/failed within its result or
 failure TTL) is harmless: rq raises ``DuplicateJobError`` and :func:`enqueue_video` reports "already
 queued". Nothing here imports torch.
+
+:func:`connect` is how the commands (``enqueue``, ``status``, the worker's pre-flight) reach Redis: it
+checks the URL and PINGs with a short timeout, so a wrong URL or an unreachable server is one
+:class:`worker.cli_errors.UsageError` or :class:`worker.cli_errors.ServiceUnavailable` naming the
+server (never the password) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -24,10 +29,66 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
 
+from worker.cli_errors import ServiceUnavailable, UsageError
 from worker.config import Settings, add_settings_arguments, settings_from_args
 from worker.keys import JOB_FUNCTION, job_id_for
 
 log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 5.0
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def redis_address(connection: redis.Redis) -> str:
+    """``host:port`` (``[v6]:port``) or ``unix:PATH`` of a client's server; never the credentials."""
+    kwargs = connection.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']}"
+    host = str(kwargs.get("host", "localhost"))
+    return f"{f'[{host}]' if ':' in host else host}:{kwargs.get('port', 6379)}"
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's words for a failed connection ('Connection refused', 'Name or service not known') when
+    redis wraps an OSError, else redis' own message."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(exc) or type(exc).__name__
+
+
+def redis_client(settings: Settings, *, timeout_s: float = CHECK_TIMEOUT_S) -> redis.Redis:
+    """A client for ``settings.redis_url`` (not connected yet) whose connects and reads time out after
+    ``timeout_s``. Raises :class:`UsageError` for a URL redis-py cannot use."""
+    url = settings.redis_url
+    if not url.startswith(REDIS_SCHEMES):
+        raise UsageError(
+            "not a Redis URL (expected redis://, rediss:// or unix://)", setting="redis_url", value=url
+        )
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    except ValueError as exc:  # a port that is not a number, an unknown query option, ...
+        raise UsageError(f"not a valid Redis URL ({exc})", setting="redis_url", value=url) from exc
+
+
+def connect(settings: Settings, *, timeout_s: float = CHECK_TIMEOUT_S) -> redis.Redis:
+    """A :func:`redis_client` that has answered PING. Raises :class:`UsageError` for a URL redis-py
+    cannot use or credentials the server refuses (the setting is wrong), :class:`ServiceUnavailable`
+    when the server cannot be reached or does not answer PING (it is down, or a non-Redis service
+    answers there)."""
+    connection = redis_client(settings, timeout_s=timeout_s)
+    where = redis_address(connection)
+    try:
+        connection.ping()
+    except redis.AuthenticationError as exc:
+        raise UsageError(f"Redis at {where} refused the credentials ({exc}); check the user and password in the "
+                         "Redis URL", setting="redis_url") from exc  # fmt: skip
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ServiceUnavailable(f"Redis at {where} is unreachable ({_reason(exc)}); start it or set "
+                                 "TAGSTREAM_REDIS_URL (or --redis-url)") from exc  # fmt: skip
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"Redis at {where} did not answer PING ({exc})") from exc
+    return connection
 
 
 def tag_queue(connection: redis.Redis, settings: Settings) -> Queue:
@@ -91,8 +152,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``tagstream enqueue``: prints ``JOB_ID enqueued`` or ``JOB_ID already queued``, returns 0."""
+    if not args.video_id:
+        raise UsageError("the video id is empty", setting="VIDEO_ID", value=args.video_id)
     settings = settings_from_args(args)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = connect(settings)
     job_id, created = enqueue_video(connection, args.video_id, args.uri, args.title, settings)
     sys.stdout.write(f"{job_id} {'enqueued' if created else 'already queued'}\n")
     return 0

@@ -16,6 +16,8 @@ import redis
 from rq.exceptions import NoSuchJobError
 from rq.serializers import JSONSerializer
 
+from worker.cli_errors import UsageError
+from worker.client import connect
 from worker.config import Settings, add_settings_arguments, settings_from_args
 from worker.keys import job_id_for
 from worker.sink import read_result
@@ -54,8 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``tagstream status``: prints the JSON; 0 when anything is known about the video, 1 otherwise."""
+    if not args.video_id:
+        raise UsageError("the video id is empty", setting="VIDEO_ID", value=args.video_id)
     settings = settings_from_args(args)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = connect(settings)
     info = video_status(connection, args.video_id, settings)
     sys.stdout.write(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return 0 if info["job_status"] is not None or info["result"] is not None else 1

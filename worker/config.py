@@ -8,6 +8,7 @@ comma-separated in both (``TAGSTREAM_ALLOWED_ROOTS=/data,/media``).
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -61,6 +62,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9108, description="Prometheus /metrics, /healthz, /readyz; 0 disables.")
     metrics_host: str = Field("0.0.0.0", description="Address the metrics and health server binds to.")
     log_level: str = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format on stderr: text, or json (one JSON object per line)."
+    )
+    liveness_timeout_s: float = Field(
+        120.0, gt=0,
+        description="/healthz answers 503 once the work loop has not iterated for this long (a stuck worker).",
+    )  # fmt: skip
 
     # --- batching -----------------------------------------------------------------------------------
     image_batch_size: int = Field(
@@ -108,7 +116,7 @@ class Settings(BaseSettings):
     vggish_weights: Path | None = Field(None, description="torchvggish-layout state dict.")
     vggish_pca: Path | None = Field(None, description="torchvggish PCA params (optional).")
     text_encoder_dir: Path | None = Field(None, description="Local transformers model dir.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     top_k_tags: int = Field(5, ge=1, description="Level-2 tags (and level-1 categories) per result.")
     top_k_concepts: int = Field(5, ge=0, description="ImageNet concepts per result (0: none).")
 
@@ -118,6 +126,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        """One of auto, cpu, cuda, cuda:N or mps (case and surrounding spaces ignored). Only the form is
+        checked here; whether the machine has that device is checked when a worker starts."""
+        device = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return device
 
     def resolved_decode_threads(self) -> int:
         """``decode_threads``, or for 0: the CPUs this process may use (:func:`worker.cpu_budget.cpu_budget`:

@@ -88,16 +88,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to extract")
     parser.add_argument("--limit", type=int, default=0, help="at most N rows per split (0: all)")
     parser.add_argument("--retry-failed", action="store_true", help="retry videos recorded as failed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (on a terminal) or progress log lines (otherwise)")
     add_settings_arguments(parser, _SETTINGS)
 
 
 def extract(data_dir: str | Path, out_dir: str | Path, *, splits: tuple[str, ...] = SPLITS, limit: int = 0,
             settings=None, retry_failed: bool = False, progress: bool = True) -> Summary:
-    """Extract every listed video not yet in the store; returns what was written, skipped and failed."""
-    from tqdm import tqdm
-
+    """Extract every listed video not yet in the store; returns what was written, skipped and failed.
+    ``progress``: a bar on a terminal, periodic log lines otherwise (:class:`model.progress.Progress`)."""
     from model.feature_store import FeatureStoreWriter
+    from model.progress import Progress
     from worker.config import Settings
     from worker.models import load_models
     from worker.pipeline import Pipeline, VideoRequest
@@ -126,7 +127,7 @@ def extract(data_dir: str | Path, out_dir: str | Path, *, splits: tuple[str, ...
                 todo.append(row)
         log.info("%d videos to extract, %d already in %s", len(todo), summary.skipped, out_dir)
         window = max(settings.concurrency, 2 * settings.resolved_decode_threads())
-        bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, file=sys.stderr)
+        bar = Progress(len(todo), "extract", unit="video", enabled=progress and bool(todo), logger=log)
         pending: dict[Future, Row] = {}
 
         def collect(row: Row, future: Future) -> None:

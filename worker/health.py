@@ -1,60 +1,137 @@
-"""The worker's HTTP endpoint: ``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz``.
+"""The worker's HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz``.
 
-``/healthz`` answers 200 while the process serves HTTP (liveness). ``/readyz`` answers 200 only when
-``ready()`` is true (models loaded and the last Redis call succeeded), else 503. A threaded
-``http.server`` in a daemon thread; the exposition is prometheus_client's.
+``/metrics`` is prometheus_client's own WSGI exposition (:func:`prometheus_client.make_wsgi_app`):
+the Prometheus text format by default, OpenMetrics when the ``Accept`` header asks for
+``application/openmetrics-text``, gzip when ``Accept-Encoding`` allows it, and ``?name[]=...`` to
+restrict the families. ``/healthz`` is liveness: 503 once the work loop's :class:`Liveness` has not
+been beaten for its timeout (a stuck loop, not only a dead HTTP thread), else 200; before the first
+beat (models still loading) it answers 200, because start-up is covered by ``/readyz`` and the
+start-up probe. ``/readyz`` answers 200 only when ``ready()`` is true (models loaded and the last Redis
+call succeeded), else 503. Any other path is 404.
+
+The server is wsgiref's, one thread per request (prometheus_client's ``ThreadingWSGIServer``), run in a
+daemon thread; an IPv6 ``host`` binds an IPv6 socket.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+class Liveness:
+    """When the work loop last iterated, for ``/healthz``.
+
+    The loop calls :meth:`beat` on every iteration (an idle worker iterates at least every few seconds:
+    its dequeue waits with a timeout). Interpretation: before the first beat the loop has not started
+    (models loading), which counts as alive; after it, the loop is alive while the last beat is at most
+    ``timeout_s`` old. Thread-safe (one float assignment)."""
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self.timeout_s = float(timeout_s)
+        self._clock = clock
+        self._last: float | None = None
+
+    def beat(self) -> None:
+        """Record one iteration of the loop."""
+        self._last = self._clock()
+
+    def age_s(self) -> float | None:
+        """Seconds since the last beat, or None before the first one."""
+        last = self._last
+        return None if last is None else max(0.0, self._clock() - last)
+
+    def alive(self) -> bool:
+        """True before the first beat and while the last one is at most ``timeout_s`` old."""
+        age = self.age_s()
+        return age is None or age <= self.timeout_s
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request lines go to the debug log, not to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server API)
+        log.debug("http: " + format, *args)
+
+
+class _Server(ThreadingWSGIServer):
+    """A client that hangs up mid-response is not an error worth a traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("http: error serving %s", client_address, exc_info=True)
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    """The address family to bind ``host`` with (AF_INET6 for an IPv6 address or name)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]
+
 
 class HealthServer:
-    """Serves the endpoints on ``host:port`` (port 0 picks a free one; see :attr:`port`)."""
+    """Serves the endpoints on ``host:port`` (port 0 picks a free one; see :attr:`port`). Binding
+    happens in the constructor, so a taken port raises :class:`OSError` there. ``liveness`` (optional)
+    makes ``/healthz`` follow the work loop; without it ``/healthz`` is 200 while this server runs."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        liveness: Liveness | None = None,
+    ) -> None:
         self.registry = registry
         self.ready = ready
-        outer = self
+        self.liveness = liveness
+        self._metrics_app = make_wsgi_app(registry)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    try:
-                        ok = bool(outer.ready())
-                    except Exception:
-                        ok = False
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"not found\n")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                log.debug("http: " + format, *args)
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        server_class = type("HealthWSGIServer", (_Server,), {"address_family": _family(host, port)})
+        self._server = make_server(host, port, self.app, server_class=server_class, handler_class=_QuietHandler)
         self._thread: threading.Thread | None = None
 
+    # --- the WSGI application ----------------------------------------------------------------------
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """Route ``/healthz`` and ``/readyz`` here, ``/metrics`` to prometheus_client, the rest to 404."""
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/healthz":
+            code, body = self.health()
+        elif path == "/readyz":
+            try:
+                ok = bool(self.ready())
+            except Exception:  # noqa: BLE001 - a failing readiness check means not ready
+                ok = False
+            code, body = (200, "ready\n") if ok else (503, "not ready\n")
+        else:
+            code, body = 404, "not found\n"
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
+        data = body.encode()
+        start_response(f"{code} {reason}", [*_TEXT, ("Content-Length", str(len(data)))])
+        return [data]
+
+    def health(self) -> tuple[int, str]:
+        """``/healthz``: (status, body). 503 when the work loop has not iterated for the liveness timeout."""
+        if self.liveness is None or self.liveness.alive():
+            return 200, "ok\n"
+        age = self.liveness.age_s() or 0.0
+        return 503, f"work loop stalled: no iteration for {age:.1f} s (limit {self.liveness.timeout_s:g} s)\n"
+
+    # --- lifecycle ----------------------------------------------------------------------------------
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
@@ -66,7 +143,8 @@ class HealthServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever, which only start() runs
+            self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)

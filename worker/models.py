@@ -75,6 +75,9 @@ def resolve_checkpoint(settings: Settings) -> Path | None:
 
 def load_extractors(settings: Settings) -> Extractors:
     from model.extractors import build_extractors
+    from model.progress import quiet_model_libraries
+
+    quiet_model_libraries()  # no transformers weight-loading bar in the worker's log
 
     return build_extractors(
         image_arch=settings.image_arch,

@@ -35,6 +35,13 @@ waits until a call succeeds and then ``heartbeat_ttl_s`` more before collecting 
 renew their executions meanwhile); without that wait, the first maintenance after the outage re-ran
 every in-flight job (tests/test_chaos.py: all 4 jobs in flight during a 10 s outage ran twice).
 
+Observability: rq's worker state is ``busy`` while at least one job is in flight and ``idle`` otherwise
+(``rq info``, rq-dashboard); every change of the in-flight count writes it under one lock, so the
+last write always matches the count (the heartbeat thread rewrites it if a write failed). The loop
+beats :attr:`TagWorker.liveness` on every iteration (and while it waits for Redis or drains), which
+``/healthz`` checks (:class:`worker.health.Liveness`). Everything logged in a job's thread carries the
+job's ``job_id`` and ``video_id`` (:func:`worker.logs.log_context`).
+
 At-least-once: a worker paused longer than the heartbeat TTL may see its job re-run elsewhere and
 still finish it. We accept that instead of checking registration before finalising: result writes are
 idempotent (one result key; the ``tagstream:tagged`` stream may get a second event).
@@ -64,8 +71,10 @@ from rq.worker import BaseWorker, WorkerStatus
 from worker import jobs
 from worker.config import Settings
 from worker.errors import InvalidJobError, ShutdownError, TagstreamError, reason_of
+from worker.health import Liveness
 from worker.jobs import JobContext, TagJob, parse_payload, refusal_of
 from worker.keys import first_seen_key, job_id_for
+from worker.logs import log_context
 from worker.result import failed_document
 from worker.rq_maintenance import maintain_queue
 from worker.sink import REDIS_ERRORS, ResultSink, retry_redis
@@ -76,6 +85,14 @@ log = logging.getLogger(__name__)
 def bounded_ttl(ttl: int | None, limit: int) -> int:
     """``ttl`` if it is set and within ``0..limit``, else ``limit``."""
     return limit if ttl is None or ttl < 0 or ttl > limit else int(ttl)
+
+
+def _video_id_of(job: Job) -> str | None:
+    """The video id a job's payload names, or None when the payload is not a valid tag job (for logs)."""
+    try:
+        return parse_payload(job.data).video_id
+    except Exception:  # noqa: BLE001 - any unreadable payload: no video id to log
+        return None
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -89,7 +106,8 @@ class NoDeathPenalty(BaseDeathPenalty):
 
 
 class TagWorker(BaseWorker):
-    """See the module docstring. ``pipeline`` has ``submit(VideoRequest) -> Future[dict]``."""
+    """See the module docstring. ``pipeline`` has ``submit(VideoRequest) -> Future[dict]``. ``liveness``
+    (default: a new one with ``settings.liveness_timeout_s``) is beaten by :meth:`work`'s loop."""
 
     death_penalty_class = NoDeathPenalty
     job_class = TagJob
@@ -104,8 +122,14 @@ class TagWorker(BaseWorker):
         metrics: Any = None,
         name: str | None = None,
         request_factory: Any = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.settings = settings
+        self.liveness = liveness if liveness is not None else Liveness(settings.liveness_timeout_s)
+        self._loop_thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()  # orders the rq state writes with the in-flight count
+        self._active = 0  # executions prepared and not yet ended
+        self._state_written: str | None = None
         self.metrics = metrics
         self.model_version = model_version
         queue = Queue(
@@ -148,10 +172,36 @@ class TagWorker(BaseWorker):
                 self.metrics.redis_errors.inc()
 
     def _retry(self, call: Any, what: str) -> Any:
+        def on_error() -> None:
+            self._redis_state(False)
+            self._beat_if_loop()  # the loop waiting for Redis is alive, not stuck
+
         return retry_redis(
-            call, give_up=self.give_up, what=what,
-            on_error=lambda: self._redis_state(False), on_success=lambda: self._redis_state(True),
+            call, give_up=self.give_up, what=what, on_error=on_error, on_success=lambda: self._redis_state(True),
         )  # fmt: skip
+
+    def _beat_if_loop(self) -> None:
+        if threading.current_thread() is self._loop_thread:
+            self.liveness.beat()
+
+    def _sync_state(self) -> None:
+        """Write rq's worker state for the in-flight count (``busy`` when > 0, else ``idle``) if the
+        last written one differs; a Redis error leaves it for the next call (the heartbeat's)."""
+        with self._state_lock:
+            desired = WorkerStatus.BUSY if self._active else WorkerStatus.IDLE
+            if desired == self._state_written:
+                return
+            try:
+                self.set_state(desired)
+            except REDIS_ERRORS as exc:
+                log.debug("could not set worker state %s: %s", desired, exc)
+                return
+            self._state_written = desired
+
+    def _execution_ended(self) -> None:
+        with self._state_lock:
+            self._active -= 1
+        self._sync_state()
 
     def _count(self, outcome: str, reason: str | None = None) -> None:
         if self.metrics is None:
@@ -184,8 +234,9 @@ class TagWorker(BaseWorker):
 
     def prepare_execution(self, job: Job) -> Execution:
         """Register the execution *and* start the job in one MULTI (rq: two steps, the second in the
-        job's thread; a kill in between left the job ``queued`` in the intermediate list for 60 s)."""
-        with self.connection.pipeline() as pipe:
+        job's thread; a kill in between left the job ``queued`` in the intermediate list for 60 s).
+        The worker turns ``busy`` in the same MULTI; :meth:`_execution_ended` turns it ``idle`` again."""
+        with self._state_lock, self.connection.pipeline() as pipe:
             ttl = self.get_heartbeat_ttl(job)
             execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
@@ -197,6 +248,8 @@ class TagWorker(BaseWorker):
             pipe.lrem(intermediate, 1, job.id)
             pipe.hdel(first_seen_key(intermediate), job.id)  # see worker.rq_maintenance
             pipe.execute()
+            self._active += 1
+            self._state_written = WorkerStatus.BUSY
         self.executions[execution.id] = execution
         job._tagstream_prepared = True  # type: ignore[attr-defined]
         return execution
@@ -299,6 +352,10 @@ class TagWorker(BaseWorker):
 
     # --- threads ---------------------------------------------------------------------------------
     def _run_job(self, job: Job, queue: Queue, execution: Execution) -> None:
+        with log_context(job_id=job.id, video_id=_video_id_of(job)):
+            self._run_job_in_context(job, queue, execution)
+
+    def _run_job_in_context(self, job: Job, queue: Queue, execution: Execution) -> None:
         enqueued = job.enqueued_at.timestamp() if job.enqueued_at else None
         jobs.set_context(JobContext(enqueued_at=enqueued, deadline=time.monotonic() + self.settings.job_timeout_s))
         try:
@@ -316,6 +373,7 @@ class TagWorker(BaseWorker):
             jobs.set_context(None)
             with self._lock:
                 self._threads.discard(threading.current_thread())
+            self._execution_ended()
             self.slots.release()
 
     def _beat_once(self) -> None:
@@ -331,6 +389,7 @@ class TagWorker(BaseWorker):
             results = pipe.execute()
         if results and results[0] == 1:  # our hash had expired (long outage): register again
             self.register_birth_again()
+        self._sync_state()  # a state write that failed (Redis away) is repeated here
 
     def register_birth_again(self) -> None:
         from rq import worker_registration
@@ -400,7 +459,13 @@ class TagWorker(BaseWorker):
         with self._lock:
             self._threads.add(thread)
         self.jobs_started += 1
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(thread)
+            self._execution_ended()
+            raise
 
     def work(self, burst: bool | None = None, max_jobs: int | None = None, **_: Any) -> bool:  # type: ignore[override]
         """Run until stopped (signal, ``burst`` and nothing left, or ``max_jobs`` started).
@@ -415,7 +480,9 @@ class TagWorker(BaseWorker):
         except REDIS_ERRORS:
             log.warning("could not subscribe to rq commands")
         self.set_state(WorkerStatus.STARTED)
+        self._sync_state()  # idle: nothing in flight yet
         jobs.install_runtime(self.runtime)
+        self._loop_thread = threading.current_thread()
         heart = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heart.start()
         log.info("worker %s (pid %d) on queue %s, K=%d", self.name, os.getpid(), self.queue.name,
@@ -423,6 +490,7 @@ class TagWorker(BaseWorker):
         delay = 0.1
         try:
             while not self.stopping.is_set():
+                self.liveness.beat()  # every wait below is bounded (dequeue 1 s, slots 0.5 s, backoff 4 s)
                 if max_jobs and self.jobs_started >= max_jobs:
                     log.info("started %d jobs (max_jobs): recycling", self.jobs_started)
                     break
@@ -487,6 +555,7 @@ class TagWorker(BaseWorker):
         then hand back what is left."""
         graceful_until = time.monotonic() + self.settings.shutdown_grace_s if self.stopping.is_set() else None
         while self.in_flight():
+            self.liveness.beat()  # draining is progress: the grace period may exceed the liveness timeout
             if graceful_until is not None and time.monotonic() >= graceful_until and not self.runtime.hand_back.is_set():
                 log.warning("grace period over: handing back %d job(s)", self.in_flight())
                 self.runtime.hand_back.set()

@@ -1,7 +1,9 @@
 """``tagstream worker``: one long-lived tagging worker process (models resident), or a supervisor.
 
-Start-up order: metrics/health server (``/healthz`` answers at once, ``/readyz`` 503), models,
-pipeline, then the rq worker (:class:`worker.rq_worker.TagWorker`) and the uploads bridge thread.
+Start-up order: the pre-flight check (:func:`preflight`: settings, device, a Redis PING; a failure
+ends the command with one line and exit 2 or 69 before anything is bound or loaded), metrics/health
+server (``/healthz`` answers at once, ``/readyz`` 503), models, pipeline, then the rq worker
+(:class:`worker.rq_worker.TagWorker`) and the uploads bridge thread.
 ``/readyz`` turns 200 once models are loaded and Redis answers. On CUDA the worker exports
 ``tagstream_gpu_memory_bytes`` (see :meth:`worker.metrics.Metrics.track_gpu_memory`). SIGTERM/SIGINT
 while models load end the process at once (by the signal; nothing is in flight yet), and before the rq
@@ -45,7 +47,9 @@ from typing import Any
 
 import redis
 
+from worker.cli_errors import UsageError
 from worker.config import Settings, add_settings_arguments, settings_from_args
+from worker.doctor import log_startup_warnings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--name", default=None, help="rq worker name (default: random).")
     parser.add_argument("--no-bridge", action="store_true", help="Do not bridge tagstream:uploads.")
+    parser.add_argument(
+        "--no-redis-check", action="store_true",
+        help="Skip the start-up Redis PING (the URL is still checked): load the models, then wait for Redis. "
+        "The --gpus supervisor checks once and passes this to its workers, which may restart during an outage.",
+    )  # fmt: skip
     add_settings_arguments(parser)
 
 
@@ -281,6 +290,7 @@ def run_worker(
     settings: Settings, *, name: str | None = None, bridge: bool = True, models: Any = None, metrics: Any = None
 ) -> int:
     """Load models, start pipeline + health server + bridge, run the rq worker until it stops."""
+    from worker.health import Liveness
     from worker.intake import UploadsBridge
     from worker.metrics import Metrics
     from worker.rq_worker import TagWorker
@@ -292,6 +302,7 @@ def run_worker(
         worker = state["worker"]
         return bool(state["models"] and worker is not None and worker.redis_ok)
 
+    liveness = Liveness(settings.liveness_timeout_s)  # /healthz: beaten by the rq worker's loop
     early = EarlyStop()
     in_main_thread = threading.current_thread() is threading.main_thread()  # the rq worker installs its own later
     if in_main_thread:
@@ -301,7 +312,12 @@ def run_worker(
         if settings.metrics_port:
             from worker.health import HealthServer
 
-            health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
+            try:
+                health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready,
+                                      liveness=liveness).start()  # fmt: skip
+            except OSError as exc:  # the port is taken, or the host is not an address of this machine
+                raise UsageError(f"cannot listen on {settings.metrics_host}:{settings.metrics_port} "
+                                 f"({exc.strerror or exc})", setting="metrics_port") from exc  # fmt: skip
         if models is None:
             from worker.models import load_models
 
@@ -322,7 +338,8 @@ def run_worker(
         state["models"] = True
         connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         worker = TagWorker(
-            settings, connection, pipeline, model_version=str(models.model_version), metrics=metrics, name=name
+            settings, connection, pipeline, model_version=str(models.model_version), metrics=metrics, name=name,
+            liveness=liveness,
         )
         state["worker"] = worker
         metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
@@ -349,8 +366,66 @@ def run_worker(
             health.stop()
 
 
+def check_device(device: str, *, one_gpu_each: bool = False) -> None:
+    """Raise :class:`UsageError` when torch cannot give this process ``device`` (a validated Settings
+    value). ``auto`` and ``cpu`` always work and import nothing. ``cuda``/``cuda:N`` need a CUDA device
+    (N below torch's device count); ``mps`` needs MPS. ``one_gpu_each``: the check runs in a supervisor
+    whose children each see exactly one GPU (as ``cuda:0``), so only the index is checked."""
+    if device in ("auto", "cpu"):
+        return
+    if one_gpu_each:
+        if device not in ("cuda", "cuda:0"):
+            raise UsageError("each supervised worker sees its one GPU as cuda:0; use --device cuda",
+                             setting="device", value=device)  # fmt: skip
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("torch sees no MPS device; use --device cpu or auto", setting="device", value=device)
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UsageError("torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES); use --device cpu "
+                         "or auto", setting="device", value=device)  # fmt: skip
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise UsageError(f"torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}", setting="device",
+                         value=device)  # fmt: skip
+
+
+def preflight(settings: Settings, devices: list[str | None] | None = None, *, ping: bool = True) -> None:
+    """What a worker (or a ``--gpus`` supervisor, whose children are ``devices``) checks before it binds
+    the metrics port or loads a model: the metrics port range, the device (:func:`check_device`) and
+    Redis (:func:`worker.client.connect`: the URL, then a PING with a short timeout; without ``ping``
+    only the URL). Raises :class:`UsageError` or :class:`worker.cli_errors.ServiceUnavailable`."""
+    from worker.client import connect, redis_address, redis_client
+
+    children = len(devices) if devices else 1
+    if settings.metrics_port and not 0 < settings.metrics_port + children - 1 <= 65535:
+        raise UsageError("not a TCP port (1-65535, or 0 for no metrics server)", setting="metrics_port",
+                         value=settings.metrics_port)  # fmt: skip
+    check_device(settings.device, one_gpu_each=bool(devices) and devices != [None])
+    if not ping:
+        redis_client(settings).close()
+        return
+    connection = connect(settings)
+    log.info("pre-flight: Redis at %s answers PING", redis_address(connection))
+    connection.close()
+
+
 def run(args: argparse.Namespace) -> int:
+    """``tagstream worker``: the pre-flight check, then one worker, or with ``--gpus`` the supervisor."""
     settings = settings_from_args(args)
+    devices = None
     if args.gpus:
-        return Supervisor(child_flags(args), devices_for(args.gpus), settings, name=args.name).run()
+        try:
+            devices = devices_for(args.gpus)
+        except SystemExit as exc:  # devices_for's message names --gpus
+            raise UsageError(str(exc.code)) from exc
+    preflight(settings, devices, ping=not args.no_redis_check)
+    if devices is not None:
+        flags = [*child_flags(args), "--no-redis-check"]  # checked here; a restart may come during an outage
+        return Supervisor(flags, devices, settings, name=args.name).run()
+    log_startup_warnings(settings)  # what `tagstream doctor` would warn about, without loading models
     return run_worker(settings, name=args.name, bridge=not args.no_bridge)
