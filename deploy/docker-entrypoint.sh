@@ -3,8 +3,12 @@
 # unless the operator set them explicitly; then exec tagstream so signals reach it directly.
 set -eu
 dir=${TAGSTREAM_WEIGHTS_DIR:-/opt/tagstream/weights}
-if [ -z "${TAGSTREAM_CHECKPOINT:-}" ] && [ -f "$dir/checkpoint/model.safetensors" ]; then
-  export TAGSTREAM_CHECKPOINT="$dir/checkpoint"
+if [ -z "${TAGSTREAM_CHECKPOINT:-}" ]; then
+  if [ -f "$dir/checkpoint/model.safetensors" ]; then
+    export TAGSTREAM_CHECKPOINT="$dir/checkpoint"
+  elif [ -f "$dir/model.safetensors" ]; then  # the folder is a checkpoint (WEIGHTS_DIR=runs/NAME, a training run)
+    export TAGSTREAM_CHECKPOINT="$dir"
+  fi
 fi
 if [ -z "${TAGSTREAM_IMAGE_WEIGHTS:-}" ] && [ -f "$dir/resnet50.pth" ]; then
   export TAGSTREAM_IMAGE_WEIGHTS="$dir/resnet50.pth" TAGSTREAM_IMAGE_ARCH="${TAGSTREAM_IMAGE_ARCH:-resnet50}"

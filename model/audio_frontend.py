@@ -1,6 +1,6 @@
 """VGGish log-mel front end, in torch, exactly as Google's reference (``vggish_input`` / ``mel_features``).
 
-Spec (REFERENCE.md "VGGish"): 16 kHz mono float waveform in [-1, 1]; 25 ms frames (400 samples) every
+Spec (the reference's behaviour): 16 kHz mono float waveform in [-1, 1]; 25 ms frames (400 samples) every
 10 ms (160 samples), no centre padding, so ``frames = 1 + floor((n - 400) / 160)``; periodic Hann window;
 512-point real FFT of each zero-padded frame; magnitude (not power); 64 triangular mel bands on the HTK
 scale ``mel = 1127 ln(1 + f / 700)`` between 125 and 7500 Hz, built like the reference's

@@ -12,7 +12,15 @@ bytes and the same version).
 Extractor check: a model only makes sense on features from the extractors it was trained on. When
 ``expected_extractors`` is given, every modality the model *reads* is compared (image if image is on,
 audio if audio is on, text only if the model uses the text-encoder branch; the character branch needs
-no extractor) and a difference raises :class:`CheckpointMismatchError` naming both ids.
+no extractor) and a difference raises :class:`CheckpointMismatchError` naming both ids. A modality
+absent from ``expected_extractors`` is not checked; one present with the id ``None`` means "these
+features have none" (e.g. a MultimodalVideoTag folder opened without a text encoder) and is a
+mismatch too when the model reads it, so such a model is never fed zeros in place of its features.
+
+The text id of a model trained on a MultimodalVideoTag folder with ``--text-encoder-dir`` is that
+encoder's (``<dir name>.<sha12 of its weights>``, model/text.py), recorded from the folder's
+``extractors`` like any other; a worker or ``tagstream predict`` configured with another encoder is
+refused here.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.chars import CharVocab
+from model.errors import InputError
 from model.fusion import FusionConfig, FusionModel
 from model.labels import LabelSet
 
@@ -37,7 +46,7 @@ LABELS = "labels.txt"
 CHARS = "chars.json"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint was trained on features from other extractors (or of other dims)."""
 
 
@@ -110,9 +119,16 @@ def check_extractors(config: FusionConfig, extractors: dict[str, dict], expected
     if config.use_encoder:
         used.append("text")
     for modality in used:
-        want = expected.get(modality)
+        if modality not in expected:
+            continue
+        want = expected[modality]
         have = (extractors.get(modality) or {}).get("id")
-        if want is not None and have != want:
+        if want is None:
+            raise CheckpointMismatchError(
+                f"{modality} extractor mismatch: checkpoint was trained on {have!r}, "
+                f"the features have no {modality} features (no {modality} extractor configured)"
+            )
+        if have != want:
             raise CheckpointMismatchError(
                 f"{modality} extractor mismatch: checkpoint was trained on {have!r}, "
                 f"configured extractor is {want!r}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.extractors import load_state_dict_file, require_file
+from model.weights import load_state_dict_file, require_file
 
 log = logging.getLogger(__name__)
 

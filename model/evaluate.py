@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from model.checkpoint import CheckpointMismatchError, load_checkpoint
-from model.feature_store import FeatureSource, open_features
+from model.errors import InputError
+from model.feature_store import FeatureSource
 from model.metrics import evaluate_scores, hit_at_k
+from model.mvt_data import open_source
 from model.predict import Tagger, resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ DEFAULT_SPLIT = "test"
 FALLBACK_SPLIT = "val"
 
 
-class SplitNotFoundError(ValueError):
+class SplitNotFoundError(InputError):
     """The split to evaluate has no videos in the data set."""
 
 
@@ -115,12 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, help="per-class TSV report path (default: next to CKPT)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--text-encoder-dir", default=None,
+                        help="MultimodalVideoTag folder: encode its titles with this frozen encoder (the one the "
+                             "checkpoint was trained with; cached like train's)")
+    parser.add_argument("--text-cache", default=None, help="where encoded titles are cached (default: in the folder)")
     parser.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = evaluate(args.ckpt, open_features(args.features), split=args.split, no_title=args.no_title,
+        source = open_source(args.features, text_encoder_dir=args.text_encoder_dir, text_cache=args.text_cache,
+                             device=args.device, batch_size=args.batch_size)
+        result = evaluate(args.ckpt, source, split=args.split, no_title=args.no_title,
                           device=args.device, batch_size=args.batch_size, report=args.report)
     except CheckpointMismatchError as exc:
         log.error("%s", exc)

@@ -17,7 +17,7 @@ A torn last line (crash mid-write) is ignored by readers and completed with a ne
 writer. Re-opening a store with :class:`FeatureStoreWriter` continues it; ``has(video_id)`` tells
 what is done. A store written by other extractors (other ids) cannot be continued.
 
-:func:`open_features` opens either this store or a MultimodalVideoTag folder (model/mvt_data.py)
+:func:`model.mvt_data.open_source` opens either this store or a MultimodalVideoTag folder
 behind the same small interface (:class:`FeatureSource`).
 """
 
@@ -36,6 +36,7 @@ from typing import Protocol
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from model.errors import InputError
 from model.features import VideoFeatures
 from model.labels import LabelSet
 
@@ -124,7 +125,7 @@ class FeatureStoreWriter:
             old = {k: (v or {}).get("id") for k, v in meta.get("extractors", {}).items()}
             new = {k: (v or {}).get("id") for k, v in self.extractors.items()}
             if old != new:
-                raise ValueError(f"{self.root} holds features from extractors {old}, not {new}")
+                raise InputError(f"{self.root} holds features from extractors {old}, not {new}")
         else:
             meta = {"format": FORMAT, "extractors": self.extractors, "sampling": self.sampling}
             tmp = store.with_name(STORE + ".tmp")
@@ -271,16 +272,3 @@ class FeatureStore:
         for vid, row in self.records.items():
             if split is None or row["split"] == split:
                 yield self.load(vid)
-
-
-def open_features(path: str | Path) -> FeatureSource:
-    """Open ``path`` as our feature store (has ``store.json``) or a MultimodalVideoTag folder
-    (has ``class.txt``)."""
-    root = Path(path)
-    if (root / STORE).is_file():
-        return FeatureStore(root)
-    if (root / "class.txt").is_file():
-        from model.mvt_data import MVTDataset
-
-        return MVTDataset(root)
-    raise FileNotFoundError(f"{root}: neither a feature store ({STORE}) nor a MultimodalVideoTag folder (class.txt)")

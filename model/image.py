@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.extractors import file_sha12, load_state_dict_file, require_file, resolve_device
+from model.weights import file_sha12, load_state_dict_file, require_file, resolve_device
 
 log = logging.getLogger(__name__)
 

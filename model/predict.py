@@ -9,6 +9,13 @@ segment ``[t_first - d/2, t_last + d/2]`` seconds, where ``t`` are the frames' p
 checkpoint's sampling policy for a one-frame video), clipped to ``[0, duration]``. A tag with no
 positive frame term (its evidence is audio or title only), or a model without the image modality,
 gets no segments.
+
+Which tags and categories a prediction lists (:func:`select`): with ``top_k`` only, the ``top_k``
+highest (the worker's ``top_k_tags``); with ``threshold`` only, every one scoring at or above it
+(MultimodalVideoTag's inference, 0.5 there); with both, those at or above the threshold, at most
+``top_k``. Highest score first, ties by output index. Level-1 categories follow the same rule on their
+scores (a category's score is its best child's, model/labels.py). Unused outputs (an index of
+``class.txt`` no name maps to) are never listed: they were never a training target.
 """
 
 from __future__ import annotations
@@ -37,13 +44,23 @@ class Prediction:
     tags: list[TagScore]
 
     def to_dict(self) -> dict:
-        """The ``categories`` / ``tags`` part of the result document (DESIGN.md section 3)."""
+        """The ``categories`` / ``tags`` part of the result document (README, "The Redis contract")."""
         return {
             "categories": [{"label": label, "score": round(score, 6)} for label, score in self.categories],
             "tags": [
                 {"label": t.label, "score": round(t.score, 6), "segments": t.segments} for t in self.tags
             ],
         }
+
+
+def select(scores: np.ndarray, *, top_k: int | None, threshold: float | None,
+           exclude: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    """Indices into ``scores`` (1-D), highest first (ties: lower index first): every score at or
+    above ``threshold`` (None: no floor), at most ``top_k`` of them (None: no cap), none of ``exclude``."""
+    order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable") if int(i) not in exclude]
+    if threshold is not None:
+        order = [i for i in order if scores[i] >= threshold]
+    return order if top_k is None else order[: max(0, int(top_k))]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -96,19 +113,23 @@ def _spacing(times: np.ndarray, fps: float) -> float:
 
 
 class Tagger:
-    """Score and tag videos with a loaded checkpoint (padded + masked batches, inference mode)."""
+    """Score and tag videos with a loaded checkpoint (padded + masked batches, inference mode).
+
+    ``top_k`` / ``threshold`` choose the listed tags and categories (:func:`select`)."""
 
     def __init__(
         self,
         ckpt: LoadedCheckpoint,
         *,
-        top_k: int = 5,
+        top_k: int | None = 5,
+        threshold: float | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         segment_threshold: float = 0.5,
     ) -> None:
         self.ckpt = ckpt
         self.top_k = top_k
+        self.threshold = threshold
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.segment_threshold = segment_threshold
@@ -144,8 +165,8 @@ class Tagger:
             level1 = labels.level1_scores(probs)
             contrib = self.model.image_contributions(out).float().cpu().numpy() if has_image else None
             for i, video in enumerate(chunk):
-                top = np.argsort(-probs[i], kind="stable")[: self.top_k]
-                top1 = np.argsort(-level1[i], kind="stable")[: self.top_k]
+                top = select(probs[i], top_k=self.top_k, threshold=self.threshold, exclude=labels.unused)
+                top1 = select(level1[i], top_k=self.top_k, threshold=self.threshold)
                 n = len(video.image)
                 spacing = _spacing(video.image_times, self.fps)
                 duration = float(video.duration_s) or (float(video.image_times[-1]) + spacing if n else 0.0)

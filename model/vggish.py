@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from model.audio_frontend import MEL_BANDS, PATCH_FRAMES, LogMelFrontend, waveform_to_patches
-from model.extractors import file_sha12, load_state_dict_file, load_tensor_file, require_file
+from model.weights import file_sha12, load_state_dict_file, load_tensor_file, require_file
 
 log = logging.getLogger(__name__)
 

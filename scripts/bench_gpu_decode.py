@@ -54,7 +54,7 @@ def make_clip(cache: Path, seconds: float) -> Path:
 
 
 def limits():
-    from worker.decode import DecodeLimits
+    from worker.media.records import DecodeLimits
 
     return DecodeLimits(max_duration_s=1e6, max_pixels=1 << 30, max_file_bytes=1 << 40, open_timeout_s=30,
                         read_timeout_s=30, decode_budget_s=3600)
@@ -66,7 +66,8 @@ def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
     ``cpu_s`` is this process's CPU time for the video."""
     import torch
 
-    from worker.decode import SamplingPolicy, VideoSource
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     torch.set_num_threads(1)
     c0 = time.process_time()
@@ -77,10 +78,10 @@ def decode_video(path: str, keep: bool = True, hwaccel: str = "none") -> dict:
 
 def decode_isolated(pool, path: str, keep: bool = True, hwaccel: str = "none") -> dict:
     """:func:`decode_video` through one of the worker's isolated decoder processes (a
-    ``worker.decode_pool.DecodePool``: lock-step chunks, raw arrays over a socketpair, nothing pickled),
+    ``worker.media.isolation.DecodePool``: lock-step chunks, raw arrays over a socketpair, nothing pickled),
     the log-mel patches cut in this thread, as the worker's decode threads do. ``cpu_s`` is this
     thread's CPU time; the decoder processes' is read from /proc by the caller."""
-    from worker.decode import SamplingPolicy
+    from worker.media.sampling import SamplingPolicy
 
     c0 = time.thread_time()
     policy = SamplingPolicy(fps=1.0, max_frames=300)
@@ -95,7 +96,7 @@ def decode_source(open_source, keep: bool) -> dict:
     import torch
 
     from model.audio_frontend import PatchStream
-    from worker.decode import FrameChunk
+    from worker.media.records import FrameChunk
 
     t0 = time.perf_counter()
     frames, patches, n_frames, n_patches = [], [], 0, 0
@@ -123,7 +124,7 @@ def decode_source(open_source, keep: bool) -> dict:
 def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
     """Plain PyAV: decode every frame (no conversion). ``hw``: "none", "cuda" (frames downloaded to host) or
     "cuda-device" (frames stay on the GPU). Raises if NVDEC was asked for and is not used. NVDEC decoders use
-    the device's primary CUDA context (as ``worker.media_open`` does), which FFmpeg refuses (ENOTSUP) once
+    the device's primary CUDA context (as ``worker.media.open`` does), which FFmpeg refuses (ENOTSUP) once
     torch has activated it: call this in a process that has not initialised CUDA through torch."""
     import av
 
@@ -149,7 +150,7 @@ def decode_all(path: str, threads: int = 1, hw: str = "none") -> dict:
 def decode_streams(path: str, streams: int, hw: str) -> dict:
     """``streams`` :func:`decode_all` at once on threads of this (pool) process: with NVDEC, that many
     decoder sessions in one shared CUDA context (the primary context, held for the process's life)."""
-    from worker.media_open import cuda_device_options
+    from worker.media.open import cuda_device_options
 
     shared = bool(cuda_device_options()) if hw != "none" else None
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def make_pool(n: int):
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("forkserver")  # never fork a process that holds a CUDA context
-    ctx.set_forkserver_preload(["worker.decode", "model.audio_frontend"])
+    ctx.set_forkserver_preload(["worker.media.source", "model.audio_frontend"])
     return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
 
 
@@ -183,7 +184,7 @@ class DecoderFarm:
     """``n`` decoders of one clip behind :meth:`submit` (a Future of a :func:`decode_video`-style dict).
 
     ``transport``: ``"decoder-processes"``: the worker's isolated decoder processes
-    (``worker.decode_pool.DecodePool``, one per thread of this process, :func:`decode_isolated`), or
+    (``worker.media.isolation.DecodePool``, one per thread of this process, :func:`decode_isolated`), or
     ``"process-pool"``: :func:`decode_video` in a ``ProcessPoolExecutor``, the arrays pickled back."""
 
     TRANSPORTS = ("decoder-processes", "process-pool")
@@ -194,7 +195,7 @@ class DecoderFarm:
         if transport == "process-pool":
             self._pool = make_pool(n)
         elif transport == "decoder-processes":
-            from worker.decode_pool import DecodePool
+            from worker.media.isolation import DecodePool
 
             self._decoders = DecodePool(n, memory_limit_mb=0)
             self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode")

@@ -1,10 +1,10 @@
 """The cost of decoder isolation (``decode_isolation``): the same work with and without it, side by side.
 
 ``decode``    N clips decoded end to end (frames + audio) by T threads: ``VideoSource`` in the thread vs
-              :class:`worker.decode_pool.IsolatedSource` through a pool of T decoder processes. Rounds
+              :class:`worker.media.isolation.IsolatedSource` through a pool of T decoder processes. Rounds
               alternate (in, iso, in, iso, ...); reported: best and median videos/s of each mode, the
               ratio, and CPU seconds per video (this process + the decoder processes, from /proc).
-``pipeline``  The whole :class:`worker.pipeline.Pipeline` (decode threads, extractors on CPU, fusion) with
+``pipeline``  The whole :class:`worker.engine.pipeline.Pipeline` (decode threads, extractors on CPU, fusion) with
               ``decode_isolation`` off vs on, same clips, alternating rounds; models loaded once before.
 
 Clips: generated H.264/AAC (``--size``, ``--seconds``, 25 fps, 1 s GOP), cached in the temp dir. Sampling
@@ -52,7 +52,9 @@ def make_clips(n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
 def decode_round(clips: list[Path], threads: int, pool, fps: float) -> tuple[float, float, int]:
     """(wall s, cpu s, frames) of decoding every clip with ``threads`` threads (``pool``: isolated)."""
     from worker.config import Settings
-    from worker.decode import DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
+    from worker.media.records import DecodeLimits, FrameChunk
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     limits = DecodeLimits.from_settings(Settings(hwaccel="none"))
     policy = SamplingPolicy(fps=fps, max_frames=300)
@@ -80,7 +82,7 @@ def decode_round(clips: list[Path], threads: int, pool, fps: float) -> tuple[flo
 
 
 def bench_decode(args: argparse.Namespace, clips: list[Path]) -> None:
-    from worker.decode_pool import DecodePool
+    from worker.media.isolation import DecodePool
 
     pool = DecodePool(args.threads)
     results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "isolated": []}
@@ -110,8 +112,9 @@ def bench_decode(args: argparse.Namespace, clips: list[Path]) -> None:
 
 def bench_pipeline(args: argparse.Namespace, clips: list[Path]) -> None:
     from worker.config import Settings
-    from worker.models import load_models
-    from worker.pipeline import Pipeline, VideoRequest
+    from worker.engine.models import load_models
+    from worker.engine.pipeline import Pipeline
+    from worker.engine.request import VideoRequest
 
     base = Settings(device="cpu", hwaccel="none", decode_threads=args.threads, fps=args.fps)
     models = load_models(base)

@@ -1,6 +1,6 @@
 """Peak RSS of the whole tagging path against video length (issue 6; BENCHMARKS.md "## Pipeline").
 
-Each video goes through the worker's :class:`worker.pipeline.Pipeline` (decode, all three extractors,
+Each video goes through the worker's :class:`worker.engine.pipeline.Pipeline` (decode, all three extractors,
 fusion when a checkpoint exists) in a fresh subprocess, alone. Reported: the worker process's VmHWM and
 the decoder child's VmHWM (decode isolation) after the video, the frames sampled and audio patches, and
 the difference between the longest and the 1-minute video (target: <= 150 MB for 90 minutes against 1).
@@ -42,7 +42,8 @@ def long_video(cache: Path, minutes: int) -> Path:
 
 
 def child(path: Path) -> dict:
-    from worker.pipeline import Pipeline, VideoRequest
+    from worker.engine.pipeline import Pipeline
+    from worker.engine.request import VideoRequest
 
     settings = bench_settings(allowed_roots=[str(path.parent)], decode_threads=1, max_duration_s=4 * 3600.0,
                               decode_budget_s=3600.0)

@@ -2,9 +2,9 @@
 
 For each point ``K:T[:I]`` (jobs in flight, decode threads, optional inference threads; 0 = auto) a fresh
 subprocess starts a private redis-server, loads and warms the models, enqueues the clips at once and runs a
-:class:`worker.rq_worker.TagWorker` in burst mode (as ``bench_worker.py``). For each decode thread count
+:class:`worker.jobs.worker.TagWorker` in burst mode (as ``bench_worker.py``). For each decode thread count
 ``T`` a fresh subprocess runs *decode-only*: T threads doing exactly the pipeline's decode work (the
-:class:`worker.decode.VideoSource` chunks, RGB frames at 224, audio cut into VGGish patches) with no
+:class:`worker.media.source.VideoSource` chunks, RGB frames at 224, audio cut into VGGish patches) with no
 extractors. Reported per run: videos/min, video-seconds/s, mean batch size / max batch size per extractor,
 peak RSS (VmHWM), and end-to-end / decode-only throughput for the same T.
 
@@ -42,14 +42,16 @@ def decode_only(clips: list[Clip], threads: int) -> dict:
     """The pipeline's decode work for ``clips`` on ``threads`` threads, nothing downstream: the same
     source (a decode-pool child with ``decode_isolation``, else an in-thread ``VideoSource``) and the same
     VGGish patching of the audio in the decode thread."""
-    from worker.decode import DecodeLimits, SamplingPolicy, VideoSource
+    from worker.media.records import DecodeLimits
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     settings = bench_settings(decode_threads=threads, allowed_roots=[str(clips[0].path.parent)])
     policy = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames)
     limits = DecodeLimits.from_settings(settings)
     pool = None
     if settings.decode_isolation:
-        from worker.decode_pool import DecodePool
+        from worker.media.isolation import DecodePool
 
         pool = DecodePool.from_settings(settings, threads)
     todo: queue.Queue[Clip] = queue.Queue()
@@ -90,8 +92,8 @@ def decode_only(clips: list[Clip], threads: int) -> dict:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from worker.local_redis import LocalRedis
     from worker.metrics import Metrics
+    from worker.tools.local_redis import LocalRedis
 
     clips = make_clips(args.cache, args.clips)
     kind, k, threads, inference = args.child.split(":")

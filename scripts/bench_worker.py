@@ -9,9 +9,9 @@ load. In a round all its clips are enqueued at t=0: end-to-end latency = result 
 Throughput = videos / summed round wall time. CPU seconds (user + system, all threads and the decoder
 child processes) are reported too: on a loaded machine they are steadier than wall time.
 
-* ``worker``: the real thing: a private redis-server (``worker.local_redis``), jobs enqueued with
-  ``worker.client.enqueue_video``, :class:`worker.rq_worker.TagWorker` with K jobs in flight over the
-  :class:`worker.pipeline.Pipeline` (decode threads, cross-video batches), burst mode. Latency = rq's
+* ``worker``: the real thing: a private redis-server (``worker.tools.local_redis``), jobs enqueued with
+  ``worker.jobs.enqueue.enqueue_video``, :class:`worker.jobs.worker.TagWorker` with K jobs in flight over the
+  :class:`worker.engine.pipeline.Pipeline` (decode threads, cross-video batches), burst mode. Latency = rq's
   ``ended_at`` - round start; mean batch sizes from the ``tagstream_batch_size`` histogram.
 * ``naive``: one video at a time: PyAV decodes *every* frame (default PyAV threading), the frame nearest
   each sampling target is converted (same resize 256 + centre crop 224), audio is decoded to 16 kHz mono
@@ -87,7 +87,7 @@ def load_warm_models(settings, with_tagger: bool = True):
     import numpy as np
     import torch
 
-    from worker.models import load_models
+    from worker.engine.models import load_models
 
     models = load_models(settings, with_tagger=with_tagger)
     ex = models.extractors
@@ -139,7 +139,7 @@ class WorkerRunner:
     def __init__(self, settings, models, metrics) -> None:
         import redis
 
-        from worker.pipeline import Pipeline
+        from worker.engine.pipeline import Pipeline
 
         self.settings, self.models, self.metrics = settings, models, metrics
         self.conn = redis.Redis.from_url(settings.redis_url)
@@ -158,9 +158,9 @@ class WorkerRunner:
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
-        from worker.client import enqueue_video
+        from worker.jobs.enqueue import enqueue_video
+        from worker.jobs.worker import TagWorker
         from worker.keys import job_id_for, result_key
-        from worker.rq_worker import TagWorker
 
         c0, t0 = self._cpu(), time.time()
         for clip in clips:
@@ -210,8 +210,8 @@ def _naive_video(clip: Clip, models, settings) -> tuple[int, int]:
 
     from model.audio_frontend import waveform_to_patches
     from model.features import VideoFeatures
-    from worker.decode import AUDIO_RATE
-    from worker.sampling import SamplingPolicy
+    from worker.media.audio import AUDIO_RATE
+    from worker.media.sampling import SamplingPolicy
 
     ex = models.extractors
     size, short = int(ex.image.input_size), int(ex.image.resize_short)
@@ -292,8 +292,8 @@ def serve(args: argparse.Namespace) -> int:
     clips = make_clips(args.cache, args.clips)
     with contextlib.ExitStack() as stack:
         if args.child == "worker":
-            from worker.local_redis import LocalRedis
             from worker.metrics import Metrics
+            from worker.tools.local_redis import LocalRedis
 
             server = stack.enter_context(LocalRedis())
             settings = bench_settings(redis_url=server.url, concurrency=args.k, decode_threads=args.decode_threads,

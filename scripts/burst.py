@@ -37,10 +37,10 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soak_lib as lib  # noqa: E402
 
-from worker.client import enqueue_video  # noqa: E402
 from worker.config import Settings  # noqa: E402
+from worker.jobs.enqueue import enqueue_video  # noqa: E402
 from worker.keys import RESULT_PREFIX  # noqa: E402
-from worker.local_redis import LocalRedis, free_port  # noqa: E402
+from worker.tools.local_redis import LocalRedis, free_port  # noqa: E402
 
 log = logging.getLogger("burst")
 MB = 1024 * 1024

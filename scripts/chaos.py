@@ -4,7 +4,7 @@ What it does (issue 7, "Chaos soak"):
 
 1. Makes ``--files`` tiny real videos (64x64, 1 s, H.264 + AAC) and starts a private ``redis-server``
    with ``appendonly yes`` / ``appendfsync everysec`` on a free port with its own data directory.
-2. Enqueues ``--videos`` distinct video ids (through :func:`worker.client.enqueue_video`, i.e.
+2. Enqueues ``--videos`` distinct video ids (through :func:`worker.jobs.enqueue.enqueue_video`, i.e.
    ``unique=True`` + ``Retry``), each pointing at one of the files; ``--duplicates`` of them are
    enqueued a second time right away and again once a quarter of the videos are done.
 3. Starts ``--workers`` worker processes (``--worker-kind real`` = ``tagstream worker``, the default;
@@ -46,9 +46,9 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soak_lib as lib  # noqa: E402
 
-from worker.client import enqueue_video  # noqa: E402
 from worker.config import Settings  # noqa: E402
-from worker.local_redis import LocalRedis, free_port  # noqa: E402
+from worker.jobs.enqueue import enqueue_video  # noqa: E402
+from worker.tools.local_redis import LocalRedis, free_port  # noqa: E402
 
 log = logging.getLogger("chaos")
 
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("worker.client").setLevel(logging.WARNING)  # one line per refused duplicate otherwise
+    logging.getLogger("worker.jobs.enqueue").setLevel(logging.WARNING)  # one line per refused duplicate otherwise
     lib.exit_on_sigterm()
     modes = tuple(m for m in args.redis_restarts.split(",") if m)
     if any(m not in ("term", "kill") for m in modes):

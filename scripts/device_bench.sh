@@ -6,7 +6,7 @@
 #   bash scripts/device_bench.sh [ARGS]    # THERE (repo root, .whl carried): install the wheels into
 #                                          # /tmp/site, print the card, run scripts/bench_gpu.py ARGS
 #
-# The GPU image has torch, torchvision, transformers, numpy but no PyAV; worker.decode and model/ need
+# The GPU image has torch, torchvision, transformers, numpy but no PyAV; worker.media.source and model/ need
 # nothing else (worker.config / pydantic-settings are not imported). The MiniLM weights (90 MB) do not
 # travel: the text benchmark uses the same config with random weights and the real tokenizer.
 # Device call (one machine, about 7.5 min of the run plus the machine's start):

@@ -11,7 +11,7 @@ one to three mutations:
 ``magic``     overwrite 4 bytes with 0, 0xFFFFFFFF, 0x7FFFFFFF or 0x80000000
 ``splice``    copy a random run of the file over another place in it
 
-Every mutant is decoded end to end (frames and audio) by a :class:`worker.decode_pool.DecodePool`
+Every mutant is decoded end to end (frames and audio) by a :class:`worker.media.isolation.DecodePool`
 child with the production limits (``--decode-budget-s``, ``decode_memory_limit_mb``). Outcomes: tagged,
 a typed refusal (reason code), ``decoder_crash`` (the child died: a native crash), a hard-deadline
 kill (``timeout`` past budget + grace), or ``internal_error`` (an exception the decoder did not type).
@@ -175,8 +175,9 @@ def _rss_mb() -> float:
 
 def run(args: argparse.Namespace) -> dict:
     from worker.config import Settings
-    from worker.decode import DecodeLimits, SamplingPolicy
-    from worker.decode_pool import DecodePool
+    from worker.media.isolation import DecodePool
+    from worker.media.records import DecodeLimits
+    from worker.media.sampling import SamplingPolicy
 
     settings = Settings(decode_budget_s=args.decode_budget_s, open_timeout_s=5.0, read_timeout_s=5.0, hwaccel="none")
     limits = DecodeLimits.from_settings(settings)
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     seeds = make_seeds(work / "seeds")
     names = sorted(seeds)
     keep = Path(args.keep) if args.keep else work / "findings"
-    pool = DecodePool(args.workers, memory_limit_mb=settings.decode_memory_limit_mb, open_spec=None)
+    pool = DecodePool(args.workers, memory_limit_mb=settings.decode_memory_limit_mb, open_policy=None)
     lock = threading.Lock()
     outcomes: Counter[str] = Counter()
     by_mutator: dict[str, Counter[str]] = {}

@@ -21,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def refuse(uri: str, settings, pool) -> tuple[str, float]:
-    from worker.decode import DecodeLimits, SamplingPolicy, VideoSource
     from worker.errors import reason_of
-    from worker.jobs import TagArgs, resolve_uri
+    from worker.jobs.task import TagArgs, resolve_uri
+    from worker.media.records import DecodeLimits
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     t0 = time.monotonic()
     try:
@@ -43,8 +45,8 @@ def main() -> int:
     from hostile import LIMITS, HostileServer, budget_s, build_corpus, good_inputs, server_files
 
     from worker.config import Settings
-    from worker.decode_pool import DecodePool
-    from worker.media_open import OpenPolicy, set_thread_policy
+    from worker.media.isolation import DecodePool
+    from worker.media.open import OpenPolicy, set_thread_policy
 
     root = Path(tempfile.mkdtemp(prefix="tagstream-hostile-"))
     with HostileServer(server_files(root)) as server:

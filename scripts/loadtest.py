@@ -1,6 +1,6 @@
 """Open-loop load test: enqueue at a fixed rate, record latency and backlog over time, plot them.
 
-Starts a private redis-server (``worker.local_redis``) and one real worker process (``python -m
+Starts a private redis-server (``worker.tools.local_redis``) and one real worker process (``python -m
 worker.cli worker``, the production entry point) configured through ``TAGSTREAM_*`` variables, waits
 until the worker has registered with rq, then enqueues the benchmark clips (``bench_clips.py``, cycled,
 each under a new video id) at ``--rate`` videos per minute for ``--duration`` seconds *whatever the
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from worker.client import enqueue_video
     from worker.config import Settings
+    from worker.jobs.enqueue import enqueue_video
     from worker.keys import job_id_for
-    from worker.local_redis import LocalRedis
+    from worker.tools.local_redis import LocalRedis
 
     clips = make_clips(args.cache, args.clips)
     extra = dict(item.split("=", 1) for item in args.env)

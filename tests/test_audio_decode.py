@@ -1,4 +1,4 @@
-"""worker.audio_decode on real encoded audio: the chunked resampler output is the same signal as FFmpeg's
+"""worker.media.audio on real encoded audio: the chunked resampler output is the same signal as FFmpeg's
 per-frame resampling, chunks are contiguous and full-sized, and the budget callback stops decoding."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from media import make_video
 
-from worker.audio_decode import AUDIO_RATE, audio_chunks
+from worker.media.audio import AUDIO_RATE, audio_chunks
 
 
 def per_frame_reference(path) -> np.ndarray:

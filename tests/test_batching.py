@@ -7,7 +7,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from worker.batching import SizeOrWaitBuffer, VideoAccumulator
+from worker.engine.buffers import SizeOrWaitBuffer, VideoAccumulator
 
 
 class Owner:

@@ -185,10 +185,10 @@ def test_debug_shows_the_traceback_with_the_same_exit_status(argv, env):
 
 INTERNAL_ERROR = """
 import sys
-import worker.client
+import worker.jobs.enqueue
 def broken(*args, **kwargs):
     raise RuntimeError("boom at " + sys.argv[-1])
-worker.client.connect = broken
+worker.jobs.enqueue.connect = broken
 from worker.cli import main
 sys.argv = ["tagstream", "enqueue", "v1"]
 sys.exit(main())
@@ -225,3 +225,16 @@ def test_redact_masks_every_password_form():
     assert redact("redis://:pw@h:1/0 and rediss://user:pw@h") == "redis://:***@h:1/0 and rediss://user:***@h"
     assert redact("redis://pw@h") == "redis://***@h"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_model_commands_report_what_they_were_pointed_at(tmp_path, dead_redis):
+    """A folder that is neither a feature store nor an MVT folder, and a raw-video folder given to predict,
+    are the user's input (model.errors.InputError / FileNotFoundError): one line, usage status 2."""
+    result = tagstream("evaluate", str(tmp_path / "ck"), str(tmp_path), redis_url=dead_redis)
+    assert result.code == 2 and "neither a feature store" in one_line(result)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "train.tsv").write_text("clip.mp4\tcat\n", encoding="utf-8")
+    result = tagstream("predict", str(tmp_path / "ck"), str(videos), "--out", str(tmp_path / "out.jsonl"),
+                       redis_url=dead_redis)
+    assert result.code == 2 and "tagstream extract" in one_line(result)

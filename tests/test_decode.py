@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from media import bad_inputs, frame_index_of, make_audio, make_video, oversize_video
 
-from worker.decode import AudioChunk, DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
 from worker.errors import MediaTimeoutError, TagstreamError, TooLargeError, TooLongError
-from worker.sampling import Layout, plan_strategy
+from worker.media.records import AudioChunk, DecodeLimits, FrameChunk
+from worker.media.sampling import Layout, SamplingPolicy, plan_strategy
+from worker.media.source import VideoSource
 
 LIMITS = DecodeLimits(max_duration_s=3600, max_pixels=4096 * 2304, max_file_bytes=1 << 33,
                       open_timeout_s=5, read_timeout_s=5, decode_budget_s=60)
@@ -281,11 +282,11 @@ def test_cuda_primary_context_probe(monkeypatch, caplog):
 
     import torch
 
-    from worker import media_open
+    from worker.media import open as media_open
 
     monkeypatch.setattr(media_open, "_cuda_shared", None)
     monkeypatch.setattr(media_open, "_cuda_keepalive", None)
-    with caplog.at_level(logging.INFO, logger="worker.media_open"):
+    with caplog.at_level(logging.INFO, logger="worker.media.open"):
         first = media_open.cuda_device_options()
         assert media_open.cuda_device_options() == first
     probes = [r for r in caplog.records if "primary context" in r.getMessage()]
@@ -309,7 +310,7 @@ def test_limits_from_settings():
 def test_crop_first_conversion_matches_scale_then_crop(size):
     import av
 
-    from worker.convert import to_rgb
+    from worker.media.rgb import to_rgb
 
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)  # smooth, position-dependent content

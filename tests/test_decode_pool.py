@@ -1,4 +1,4 @@
-"""Decoder isolation (worker/decode_pool.py): same output as in-process decoding, typed errors across the
+"""Decoder isolation (worker/media/isolation.py): same output as in-process decoding, typed errors across the
 process boundary, a killed or frozen decoder fails only its video, and the worker survives a decoder
 killed with SIGSEGV mid-video while it keeps tagging the other videos."""
 
@@ -16,9 +16,11 @@ import redis
 from media import bad_inputs, make_video
 
 from worker.config import Settings
-from worker.decode import AudioChunk, DecodeLimits, FrameChunk, SamplingPolicy, VideoSource
-from worker.decode_pool import DecodePool
 from worker.errors import DecoderCrashError, MediaTimeoutError, TagstreamError
+from worker.media.isolation import DecodePool
+from worker.media.records import AudioChunk, DecodeLimits, FrameChunk
+from worker.media.sampling import SamplingPolicy
+from worker.media.source import VideoSource
 
 LIMITS = DecodeLimits(max_duration_s=3600, max_pixels=4096 * 2304, max_file_bytes=1 << 30, open_timeout_s=5,
                       read_timeout_s=5, decode_budget_s=30)  # fmt: skip
@@ -134,10 +136,10 @@ def test_worker_survives_a_decoder_segfault_and_keeps_tagging(clips, redis_url, 
     from test_pipeline import RecordingImage, with_image
     from worker_support import shared_models, statuses
 
-    from worker.client import submit
+    from worker.engine.pipeline import Pipeline
+    from worker.jobs.enqueue import submit
+    from worker.jobs.worker import TagWorker
     from worker.keys import result_key
-    from worker.pipeline import Pipeline
-    from worker.rq_worker import TagWorker
 
     others = {f"other{i}": make_video(tmp_path / f"o{i}.mp4", seconds=2.0, fps=10, audio="aac" if i % 2 else None)
               for i in range(4)}  # fmt: skip

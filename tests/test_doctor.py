@@ -20,7 +20,8 @@ import redis
 
 from worker import cpu_budget as cb
 from worker.config import Settings
-from worker.doctor import (
+from worker.lockfile import default_lock
+from worker.service.doctor import (
     check_checkpoint,
     check_checkpoint_files,
     check_weight_files,
@@ -29,17 +30,17 @@ from worker.doctor import (
     policy_checks,
     startup_warnings,
 )
-from worker.doctor_checks import LOCK_ENV, check_lock, check_torchaudio, cpu_checks, find_lock
-from worker.doctor_device import (
+from worker.service.doctor_checks import LOCK_ENV, check_lock, check_torchaudio, find_lock
+from worker.service.doctor_device import (
     DriverInfo,
+    cpu_checks,
     device_checks,
     evaluate_driver,
     evaluate_gpu,
     parse_driver_version,
 )
-from worker.doctor_redis import redact_url
-from worker.local_redis import free_port, redis_server_binary
-from worker.lockfile import default_lock
+from worker.service.doctor_redis import redact_url
+from worker.tools.local_redis import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_LOCK = default_lock("runtime")
@@ -300,7 +301,7 @@ def test_model_files(tmp_path):
 @pytest.fixture(scope="module")
 def built(one_torch_thread):
     """The default extractors, built once, and the model checks of the default settings."""
-    from worker.models import load_extractors
+    from worker.engine.models import load_extractors
 
     return load_extractors(Settings(device="cpu")), {c.name: c for c in model_checks(Settings(device="cpu"))}
 
@@ -315,7 +316,7 @@ def test_models_build_and_the_text_encoder_runs(built):
 
 @pytest.mark.slow
 def test_checkpoint_of_other_extractors_fails(built, tmp_path):
-    from worker.models import default_checkpoint_dir
+    from worker.engine.models import default_checkpoint_dir
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(default_checkpoint_dir(), ckpt)

@@ -11,7 +11,7 @@ from media import make_video
 
 from model.feature_store import FeatureStore
 from worker import cli
-from worker.extract import extract, read_split
+from worker.tools.extract import extract, read_split
 
 FLAGS = ["--device", "cpu", "--hwaccel", "none", "--decode-threads", "2", "--no-progress"]
 

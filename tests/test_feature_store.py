@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from model.feature_store import FeatureStore, FeatureStoreWriter, open_features
+from model.feature_store import FeatureStore, FeatureStoreWriter
 from model.features import VideoFeatures
+from model.mvt_data import open_source
 
 EXTRACTORS = {"image": {"id": "efficientnet_lite0", "dim": 8}, "audio": {"id": "vggish-summary", "dim": 128},
               "text": {"id": "all-MiniLM-L6-v2", "dim": 4}}
@@ -26,7 +27,7 @@ def test_round_trip(tmp_path):
     with FeatureStoreWriter(tmp_path, EXTRACTORS, SAMPLING, labels=["a-b", "a-c", "d-e"]) as w:
         w.write(features(0), "train")
         w.write(features(1, n_audio=0, title=""), "val")  # no audio, no title
-    store = open_features(tmp_path)
+    store = open_source(tmp_path)
     assert isinstance(store, FeatureStore) and len(store) == 2
     assert store.splits() == {"train": 1, "val": 1}
     assert store.extractor_ids == {"image": "efficientnet_lite0", "audio": "vggish-summary", "text": "all-MiniLM-L6-v2"}
@@ -70,6 +71,6 @@ def test_other_extractors_cannot_continue_a_store(tmp_path):
         FeatureStoreWriter(tmp_path, other, SAMPLING)
 
 
-def test_open_features_rejects_unknown_folders(tmp_path):
+def test_open_source_rejects_unknown_folders(tmp_path):
     with pytest.raises(FileNotFoundError):
-        open_features(tmp_path)
+        open_source(tmp_path)

@@ -64,7 +64,9 @@ def test_finding_282_stream_without_decoder_is_ignored(tmp_path):
     FFmpeg (no codec context). It used to raise AttributeError (internal_error); now the stream counts as
     absent and the video is tagged from its frames."""
     from worker.config import Settings
-    from worker.decode import DecodeLimits, SamplingPolicy, VideoSource
+    from worker.media.records import DecodeLimits
+    from worker.media.sampling import SamplingPolicy
+    from worker.media.source import VideoSource
 
     seeds = fuzz_decode.make_seeds(tmp_path / "seeds")
     path = tmp_path / "m00282.mp4"

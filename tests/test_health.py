@@ -17,9 +17,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from worker_support import InProcessWorker, small_video, wait_for, worker_settings
 
-from worker.client import submit
-from worker.health import HealthServer
+from worker.jobs.enqueue import submit
 from worker.metrics import STAGE_BUCKETS, Metrics
+from worker.service.health import HealthServer
 
 
 @pytest.fixture(scope="session")

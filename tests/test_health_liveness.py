@@ -14,8 +14,9 @@ import threading
 import pytest
 from worker_support import InProcessWorker, http_get, wait_for, worker_settings
 
-from worker.health import HealthServer, Liveness
+from worker.jobs.liveness import Liveness
 from worker.metrics import Metrics
+from worker.service.health import HealthServer
 
 
 class FakeClock:

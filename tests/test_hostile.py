@@ -12,11 +12,12 @@ import redis
 from hostile import LIMITS, HostileServer, budget_s, build_corpus, good_inputs, server_files
 
 from worker.config import Settings
-from worker.decode import DecodeLimits, SamplingPolicy
-from worker.decode_pool import DecodePool
 from worker.errors import reason_of
-from worker.jobs import TagArgs, resolve_uri
-from worker.media_open import OpenPolicy, set_thread_policy
+from worker.jobs.task import TagArgs, resolve_uri
+from worker.media.isolation import DecodePool
+from worker.media.open import OpenPolicy, set_thread_policy
+from worker.media.records import DecodeLimits
+from worker.media.sampling import SamplingPolicy
 
 #: Allowance on top of a case's budget for a loaded CI machine; a hang would blow far past it.
 SLACK_S = 15.0
@@ -42,7 +43,8 @@ def world(tmp_path_factory):
 
 def decode_all(uri: str, settings: Settings, pool: DecodePool | None) -> int:
     """What a worker does with one job's URI: policy check, open, decode every chunk. Returns frames."""
-    from worker.decode import FrameChunk, VideoSource
+    from worker.media.records import FrameChunk
+    from worker.media.source import VideoSource
 
     resolved = resolve_uri(TagArgs("v", uri, ""), settings)
     policy, limits = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames), DecodeLimits.from_settings(settings)
@@ -101,10 +103,10 @@ def test_worker_keeps_tagging_good_videos_among_hostile_ones(world, redis_url):
     videos (three local files, a URL and a URL that redirects within the allowed host) in one queue."""
     from worker_support import shared_models, statuses
 
-    from worker.client import submit
+    from worker.engine.pipeline import Pipeline
+    from worker.jobs.enqueue import submit
+    from worker.jobs.worker import TagWorker
     from worker.keys import result_key
-    from worker.pipeline import Pipeline
-    from worker.rq_worker import TagWorker
 
     server, cases, goods, base = world
     settings = base.model_copy(update={

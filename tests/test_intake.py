@@ -7,8 +7,8 @@ from __future__ import annotations
 import redis
 from worker_support import InProcessWorker, small_video, statuses, worker_settings
 
-from worker.client import tag_queue
-from worker.intake import UploadsBridge
+from worker.jobs.enqueue import tag_queue
+from worker.jobs.uploads import UploadsBridge
 from worker.keys import UPLOADS_GROUP, UPLOADS_STREAM, job_id_for
 
 

@@ -9,10 +9,10 @@ import pytest
 import redis
 from rq.serializers import JSONSerializer
 
-from worker.client import enqueue_video, tag_queue
 from worker.config import Settings
 from worker.errors import InvalidJobError
-from worker.jobs import TagJob, parse_payload
+from worker.jobs.enqueue import enqueue_video, tag_queue
+from worker.jobs.task import TagJob, parse_payload
 from worker.keys import JOB_FUNCTION, job_id_for
 
 

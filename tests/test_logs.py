@@ -27,7 +27,7 @@ import redis
 from worker_support import InProcessWorker, small_video, worker_settings
 
 from model.progress import Progress, quiet_model_libraries
-from worker.client import submit
+from worker.jobs.enqueue import submit
 from worker.keys import job_id_for
 from worker.logs import configure_logging, current_context, log_context, logging_options
 
@@ -141,7 +141,7 @@ def test_worker_job_lines_carry_job_and_video_id(redis_url, tmp_path, restore_ro
         for doc in about_job:
             assert doc.get("job_id") == job_id_for(video_id), doc
             assert doc.get("video_id") == video_id, doc
-    failed = [d for d in docs if d["logger"] == "worker.rq_worker" and "not_found" in d["message"]]
+    failed = [d for d in docs if d["logger"] == "worker.jobs.worker" and "not_found" in d["message"]]
     assert failed and failed[0]["level"] == "WARNING" and failed[0]["video_id"] == "vid-json-1", docs
     tagged = [d for d in docs if d["logger"] == "rq.worker" and "Job OK" in d["message"]]
     assert tagged and tagged[0]["video_id"] == "vid-json-2", docs
@@ -234,9 +234,9 @@ def test_json_on_stderr_of_a_process():
         "import logging, warnings\n"
         "from worker.logs import configure_logging, log_context, logging_options\n"
         "configure_logging(*logging_options(None))\n"
-        "logging.getLogger('worker.demo').info('started')\n"
+        "logging.getLogger('worker.tools.demo').info('started')\n"
         "with log_context(job_id='tag-v9', video_id='v9'):\n"
-        "    logging.getLogger('worker.rq_worker').warning('job tag-v9 failed: not_found')\n"
+        "    logging.getLogger('worker.jobs.worker').warning('job tag-v9 failed: not_found')\n"
         "warnings.warn('careful')\n"
     )
     env = {**os.environ, "TAGSTREAM_LOG_FORMAT": "json", "TAGSTREAM_LOG_LEVEL": "INFO"}

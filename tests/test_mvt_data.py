@@ -13,9 +13,8 @@ import pytest
 from test_safe_loading import PY2_PROTOCOL2
 
 from model.checkpoint import load_checkpoint
-from model.feature_store import open_features
 from model.labels import LabelSet
-from model.mvt_data import MVTDataset
+from model.mvt_data import MVTDataset, open_source
 from model.safe_pickle import UnsafePickleError
 from model.train import TrainOptions, train
 from worker.cli import main
@@ -55,7 +54,7 @@ def write_mvt(root, n=16, image_dim=32):
 
 def test_loads_mvt_format(tmp_path):
     root = write_mvt(tmp_path / "datasets")
-    ds = open_features(root)
+    ds = open_source(root)
     assert isinstance(ds, MVTDataset)
     assert ds.labels.labels == CLASSES
     assert ds.splits() == {"train": 8, "val": 4, "test": 4}
@@ -77,7 +76,7 @@ def test_trains_on_mvt_format_with_the_char_branch(tmp_path):
     root = write_mvt(tmp_path / "datasets")
     opts = TrainOptions(epochs=2, batch_size=4, image_hidden=8, audio_hidden=4, text_filters=4, char_dim=4,
                         progress=False, device="cpu")
-    summary = train(open_features(root), tmp_path / "ck", opts)
+    summary = train(open_source(root), tmp_path / "ck", opts)
     assert summary["epochs_run"] == 2
     config = json.loads((tmp_path / "ck" / "config.json").read_text("utf-8"))
     assert config["fusion"]["text_dim"] == 0 and config["fusion"]["char_vocab_size"] > 2
@@ -89,6 +88,23 @@ def test_index_column_in_class_file(tmp_path):
     (root / "class.txt").write_text("".join(f"{c}\t{i}\n" for i, c in reversed(list(enumerate(CLASSES)))),
                                     encoding="utf-8")
     assert MVTDataset(root).labels.labels == CLASSES
+
+
+def test_inference_lists_keep_unlabelled_rows(tmp_path):
+    """MVT's reader in infer mode reads url and title only: a ``url \\t title`` list, or rows whose
+    labels are all unknown, still give videos; training (the default) keeps skipping them."""
+    root = write_mvt(tmp_path / "datasets")
+    (root / "test.txt").write_text("http://example.com/videos/0012.mp4\t无标签\n"
+                                   "http://example.com/videos/0013.mp4\n"
+                                   "http://example.com/videos/0014.mp4\t未知\t未知-标签\n"
+                                   "http://example.com/videos/0015.mp4\t有标签\t游戏-射击\n"
+                                   "http://example.com/videos/0099.mp4\t没有文件\n", encoding="utf-8")
+    assert MVTDataset(root).split_ids("test") == ["http://example.com/videos/0015.mp4"]
+    ds = MVTDataset(root, infer=True)
+    assert ds.split_ids("test") == [f"http://example.com/videos/{i:04d}.mp4" for i in (12, 13, 14, 15)]
+    assert [ds.load(v).labels for v in ds.split_ids("test")] == [[], [], [], ["游戏-射击"]]
+    assert [ds.load(v).title for v in ds.split_ids("test")] == ["无标签", "", "未知", "有标签"]
+    assert ds.splits() == {"train": 8, "val": 4, "test": 4}  # val's unknown-label row repeats a url: first wins
 
 
 @pytest.mark.parametrize("name", ["train.list"])
@@ -124,7 +140,7 @@ def test_opening_a_folder_with_a_code_pickle_refuses_it(tmp_path):
     marker = tmp_path / "pwned"
     path = plant(root, "0000", marker)  # the first video: read when the folder is opened (image width)
     with pytest.raises(UnsafePickleError, match=f"{path}: refused global '{os.system.__module__}.system'"):
-        open_features(root)
+        open_source(root)
     assert not marker.exists()
 
 
@@ -132,7 +148,7 @@ def test_reading_a_code_pickle_refuses_it(tmp_path):
     root = write_mvt(tmp_path / "datasets")
     marker = tmp_path / "pwned"
     path = plant(root, "0005", marker)
-    ds = open_features(root)  # opening reads 0000 only
+    ds = open_source(root)  # opening reads 0000 only
     assert ds.load("http://example.com/videos/0004.mp4").image.shape[1] == 32
     with pytest.raises(UnsafePickleError) as info:
         ds.load("http://example.com/videos/0005.mp4")
@@ -225,7 +241,7 @@ def test_train_and_evaluate_with_aliases_and_no_test_split(tmp_path, capsys, cap
     (root / "test.txt").unlink()
     opts = TrainOptions(epochs=1, batch_size=4, image_hidden=8, audio_hidden=4, text_filters=4, char_dim=4,
                         progress=False, device="cpu")
-    train(open_features(root), tmp_path / "ck", opts)
+    train(open_source(root), tmp_path / "ck", opts)
     ckpt = load_checkpoint(tmp_path / "ck")
     assert ckpt.labels == MVTDataset(root).labels and ckpt.labels.unused == {1}
     assert ckpt.labels.aliases == {"美食-烘焙": 3}

@@ -14,11 +14,11 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from worker_support import InProcessWorker, small_video, statuses, worker_settings
 
-from worker.client import submit, tag_queue
 from worker.errors import InvalidJobError
-from worker.jobs import TagJob, parse_payload
+from worker.jobs.enqueue import submit, tag_queue
+from worker.jobs.payload_guard import MAX_PAYLOAD_BYTES, bounded_payload, clean_title
+from worker.jobs.task import TagJob, parse_payload
 from worker.keys import JOB_FUNCTION, job_id_for, result_key
-from worker.payload_guard import MAX_PAYLOAD_BYTES, bounded_payload, clean_title
 
 
 class _Boom:

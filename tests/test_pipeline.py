@@ -14,11 +14,12 @@ from media import make_video
 
 from model.features import VideoFeatures
 from worker.config import Settings
+from worker.engine.document import MEDIA_KEYS, TIMING_KEYS
+from worker.engine.models import FEATURES_ONLY, LoadedModels, load_models
+from worker.engine.pipeline import Pipeline
+from worker.engine.request import VideoRequest
 from worker.errors import DecodeError, MediaTimeoutError, ShutdownError, TagstreamError
 from worker.metrics import Metrics
-from worker.models import FEATURES_ONLY, LoadedModels, load_models
-from worker.pipeline import Pipeline, VideoRequest
-from worker.result import MEDIA_KEYS, TIMING_KEYS
 
 LABELS = ["游戏-射击", "游戏-赛车", "音乐-钢琴", "动物-猫"]
 
@@ -55,7 +56,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> LoadedModels:
-    from worker.models import load_extractors
+    from worker.engine.models import load_extractors
 
     extractors = load_extractors(Settings(device="cpu"))
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -163,7 +164,7 @@ def test_image_batches_are_built_across_videos(media, models):
 
 
 def test_cpu_batches_run_in_slices_with_the_same_results(models):
-    from worker.batching import ExtractorRunner
+    from worker.engine.inference import ExtractorRunner
 
     image = RecordingImage(models.extractors.image)
     extractors = dataclasses.replace(models.extractors, image=image)

@@ -32,7 +32,7 @@ import yaml
 from deploy_support import ROOT, RULES, deploy_expressions, ensure_tool
 from media import make_video
 
-from worker.client import submit
+from worker.jobs.enqueue import submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,9 +14,9 @@ import redis
 from deploy_support import apt_install, ensure_tool
 from worker_support import InProcessWorker, small_video, worker_settings
 
-from worker.client import submit
+from worker.jobs.enqueue import submit
 from worker.keys import result_key
-from worker.local_redis import free_port
+from worker.tools.local_redis import free_port
 
 DEBIAN_REDIS = "/usr/bin/redis-server"
 

@@ -39,10 +39,10 @@ from worker_support import (
     worker_settings,
 )
 
-from worker.client import submit, tag_queue
-from worker.jobs import TagJob
+from worker.jobs.enqueue import submit, tag_queue
+from worker.jobs.task import TagJob
 from worker.keys import TAGGED_STREAM, UPLOADS_GROUP, UPLOADS_STREAM, job_id_for, result_key
-from worker.local_redis import LocalRedis, free_port
+from worker.tools.local_redis import LocalRedis, free_port
 
 # Model loads in three processes at once can take minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -21,9 +21,10 @@ import redis
 from rq import Worker
 from worker_support import ROOT, http_get, wait_for
 
-from worker.client import tag_queue
 from worker.config import Settings
-from worker.runner import add_arguments, child_flags, devices_for
+from worker.jobs.enqueue import tag_queue
+from worker.service.run import add_arguments
+from worker.service.supervisor import child_flags, devices_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -190,7 +191,7 @@ def test_sigterm_while_children_load_exits_cleanly(redis_url, tmp_path):
 
 EARLY_STOP_CHILD = """
 import sys, threading
-from worker.runner import EarlyStop
+from worker.service.run import EarlyStop
 early = EarlyStop()
 early.loading() if sys.argv[1] == "loading" else early.loaded()
 print("ready", flush=True)

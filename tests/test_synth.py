@@ -142,3 +142,55 @@ def test_every_group_is_covered_and_the_mix_matches_the_design() -> None:
         if s.title_kind == "sibling":
             siblings = [lab for lab in keywords if lab.split("-")[0] == s.content[0].split("-")[0] and lab != s.content[0]]
             assert any(k in s.title for lab in siblings for k in keywords[lab])
+
+
+# ------------------------------------------------------------------------------------ Bayes ceiling
+
+def test_ceiling_is_one_without_label_noise_and_with_fully_informative_titles(monkeypatch) -> None:
+    """Every title names c0 (and maybe c1) and no recorded label is replaced: the best guess is always right."""
+    monkeypatch.setattr(synth, "P_LABEL_NOISE", 0.0)
+    monkeypatch.setattr(synth, "TITLE_KINDS", {"label": 1.0})
+    specs = [synth.make_spec(4, i) for i in range(400)]
+    ceiling = synth.bayes_ceiling(specs)
+    assert ceiling["hit_at_1"] == pytest.approx(1.0, abs=1e-12)
+    assert ceiling["bayes_rule_hit_at_1"] == 1.0 and ceiling["title_fallbacks"] == 0
+    assert synth.bayes_ceiling(specs, use_title=False)["hit_at_1"] < 0.9  # the titles are what made it 1
+
+
+def test_ceiling_drops_as_the_label_noise_rises(monkeypatch) -> None:
+    ceilings = []
+    for noise in (0.0, 0.06, 0.2, 0.5):
+        monkeypatch.setattr(synth, "P_LABEL_NOISE", noise)
+        ceilings.append(synth.bayes_ceiling([synth.make_spec(6, i) for i in range(300)])["hit_at_1"])
+    assert all(a > b + 0.02 for a, b in zip(ceilings, ceilings[1:], strict=False)), ceilings
+    # the titles' noise too: misleading (sibling) titles instead of informative ones
+    monkeypatch.setattr(synth, "P_LABEL_NOISE", 0.0)
+    clean = synth.bayes_ceiling([synth.make_spec(6, i) for i in range(300)])["hit_at_1"]
+    monkeypatch.setattr(synth, "TITLE_KINDS", {**synth.TITLE_KINDS, "label": 0.2, "sibling": 0.48})
+    assert synth.bayes_ceiling([synth.make_spec(6, i) for i in range(300)])["hit_at_1"] < clean - 0.05
+
+
+@pytest.mark.parametrize("use_title", [True, False])
+def test_ceiling_matches_a_monte_carlo_of_the_generator(use_title: bool) -> None:
+    """The ceiling is the Bayes rule's *expected* Hit@1 under the derived posterior; scoring that rule
+    against the labels the generator actually recorded on 3,000 fresh videos must agree within sampling
+    error (SE <= 0.009), which it cannot if the posterior misstates the generator's probabilities."""
+    specs = [synth.make_spec(123, i) for i in range(3000)]
+    ceiling = synth.bayes_ceiling(specs, use_title=use_title)
+    assert abs(ceiling["hit_at_1"] - ceiling["bayes_rule_hit_at_1"]) < 0.03, ceiling
+    assert 0.5 < ceiling["hit_at_1"] < ceiling["content_oracle_hit_at_1"] < 1.0
+    # the content oracle: only label noise left; 1 - P_LABEL_NOISE for one label, 1 for two (c1 is kept)
+    multi = sum(len(s.content) > 1 for s in specs) / len(specs)
+    assert ceiling["content_oracle_hit_at_1"] == pytest.approx((1 - multi) * (1 - synth.P_LABEL_NOISE) + multi)
+
+
+def test_generated_set_records_and_prints_its_ceiling(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    written = json.loads((dataset / synth.CEILING_FILE).read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(synth.split_ceilings(synth._split_specs(7, N))))
+    assert set(written["splits"]) == {"train", "val", "test", "all"}
+    for split in written["splits"].values():
+        assert 0.0 <= split["no_title"]["hit_at_1"] <= 1.0 and 0.0 <= split["hit_at_1"] <= 1.0
+    assert synth.read_ceiling(dataset) == written
+    assert cli_main(["dataset", "synth", str(dataset), "--videos", str(N), "--seed", "7", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"Bayes ceiling test ({written['splits']['test']['videos']} videos): Hit@1" in out

@@ -9,7 +9,7 @@ from pathlib import Path
 from media import image_video
 
 from worker import cli
-from worker.result import MEDIA_KEYS, TIMING_KEYS
+from worker.engine.document import MEDIA_KEYS, TIMING_KEYS
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

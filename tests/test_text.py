@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.text import TextEncoder, build_text_encoder, default_model_dir
+from model.text import TextEncoder, build_text_encoder, default_model_dir, encoder_dim, encoder_id
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,8 @@ def test_user_directory_id_and_missing_dir(tmp_path: Path) -> None:
     enc = build_text_encoder(copy)
     sha12 = hashlib.sha256((copy / "model.safetensors").read_bytes()).hexdigest()[:12]
     assert enc.extractor_id == f"my-encoder.{sha12}"
+    assert encoder_id(copy) == enc.extractor_id and encoder_id(None) == "all-minilm-l6-v2"  # without loading
+    assert encoder_dim(copy) == enc.feature_dim == 384
     with pytest.raises(FileNotFoundError):
         build_text_encoder(tmp_path / "absent")
 

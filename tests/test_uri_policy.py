@@ -7,7 +7,7 @@ import os
 import pytest
 
 from worker.errors import ForbiddenUriError, NotFoundError
-from worker.uri_policy import UriPolicy
+from worker.media.uri_policy import UriPolicy
 
 
 @pytest.fixture()

@@ -40,11 +40,11 @@ from worker_support import (
     worker_settings,
 )
 
-from worker.client import enqueue_video, submit, tag_queue
-from worker.jobs import TagJob
+from worker.engine.document import TIMING_KEYS
+from worker.jobs.enqueue import enqueue_video, submit, tag_queue
+from worker.jobs.task import TagJob
 from worker.keys import TAGGED_STREAM, job_id_for, result_key
 from worker.metrics import Metrics
-from worker.result import TIMING_KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -316,7 +316,7 @@ def test_a_slow_video_does_not_hold_up_the_others(conn, redis_url, media):
 def test_password_and_acl_user_come_from_the_url(media):
     """A Redis with a password on the default user and an ACL user: ``tagstream enqueue``, the worker
     and ``tagstream status`` all authenticate from the URL alone."""
-    from worker.local_redis import LocalRedis
+    from worker.tools.local_redis import LocalRedis
 
     server = LocalRedis().start()
     try:

@@ -62,7 +62,7 @@ def save_tiny_checkpoint(path: Path, extractor_ids: dict) -> str:
 @functools.lru_cache(maxsize=1)
 def shared_models() -> Any:
     """Real extractors on CPU + the tiny checkpoint, loaded once per process (``LoadedModels``)."""
-    from worker.models import load_extractors, load_models
+    from worker.engine.models import load_extractors, load_models
 
     extractors = load_extractors(Settings(device="cpu"))
     tmp = Path(tempfile.mkdtemp(prefix="tagstream-ckpt-"))
@@ -207,7 +207,7 @@ def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen |
 
 def statuses(conn: redis.Redis, video_ids: list[str]) -> list[str | None]:
     """rq status of each video's job (None when rq no longer has it)."""
-    from worker.jobs import TagJob
+    from worker.jobs.task import TagJob
 
     out = []
     for vid in video_ids:
@@ -268,12 +268,12 @@ class SpyPipeline:
 
 
 class InProcessWorker:
-    """A real :class:`~worker.rq_worker.TagWorker` over a real pipeline and :func:`shared_models`,
+    """A real :class:`~worker.jobs.worker.TagWorker` over a real pipeline and :func:`shared_models`,
     run in a thread (``start``) or to completion (``burst``). ``stop`` asks twice (hand back at once)."""
 
     def __init__(self, settings: Settings, *, metrics: Any = None, name: str | None = None) -> None:
-        from worker.pipeline import Pipeline
-        from worker.rq_worker import TagWorker
+        from worker.engine.pipeline import Pipeline
+        from worker.jobs.worker import TagWorker
 
         models = shared_models()
         self.settings = settings

@@ -23,17 +23,18 @@ from worker.cli_errors import EXIT_USAGE, UsageError, explain
 from worker.logs import FORMATS, configure_logging, logging_options
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "probe": ("worker.probe", "Decode a file or URL and print what the decoder did, as JSON."),
-    "tag": ("worker.tag_file", "Tag one local file without Redis; print the result document."),
-    "extract": ("worker.extract", "Extract features for a folder of videos described by a TSV."),
+    "probe": ("worker.media.probe", "Decode a file or URL and print what the decoder did, as JSON."),
+    "tag": ("worker.tools.tag_file", "Tag one local file without Redis; print the result document."),
+    "extract": ("worker.tools.extract", "Extract features for a folder of videos described by a TSV."),
     "dataset": ("model.synth", "Generated data sets: 'tagstream dataset synth OUT_DIR'."),
     "train": ("model.train", "Train the fusion model on a feature store or MultimodalVideoTag folder."),
     "evaluate": ("model.evaluate", "Evaluate a checkpoint: Hit@k, GAP@20, mAP as JSON."),
-    "enqueue": ("worker.client", "Enqueue a video for tagging."),
-    "status": ("worker.client_status", "Show a video's job state and result."),
-    "worker": ("worker.runner", "Run a tagging worker; --gpus all runs one per visible GPU."),
-    "demo": ("worker.demo", "Start Redis if none is configured, tag sample videos with a worker, print tags."),
-    "doctor": ("worker.doctor", "Check this host: versions, lock, device, Redis, policy, CPU budget."),
+    "enqueue": ("worker.jobs.enqueue", "Enqueue a video for tagging."),
+    "status": ("worker.jobs.status", "Show a video's job state and result."),
+    "worker": ("worker.service.run", "Run a tagging worker; --gpus all runs one per visible GPU."),
+    "demo": ("worker.tools.demo", "Start Redis if none is configured, tag sample videos with a worker, print tags."),
+    "doctor": ("worker.service.doctor", "Check this host: versions, lock, device, Redis, policy, CPU budget."),
+    "predict": ("model.batch_predict", "Tag a feature store or MultimodalVideoTag folder with a checkpoint: JSON Lines or MVT's JSON."),
 }
 
 

@@ -3,7 +3,8 @@
 A command raises :class:`UsageError` (exit 2: a setting, flag or argument is wrong; argparse uses 2
 too) or :class:`ServiceUnavailable` (exit 69, ``EX_UNAVAILABLE`` from sysexits: a service such as
 Redis does not answer). :func:`explain` turns those, pydantic's ``ValidationError`` (a setting),
-redis' connection errors and any other exception into the line :func:`worker.cli.main` prints and
+a command's :class:`model.errors.InputError` (a folder, checkpoint or output it cannot use; exit 2, as is a
+missing file and a refused pickle), redis' connection errors and any other exception into the line :func:`worker.cli.main` prints and
 its exit code. Any other exception is an internal error (exit 70, ``EX_SOFTWARE``), still one line,
 with a pointer to ``--debug`` for the traceback. Exit status 1 stays what each command makes it (e.g.
 ``status`` for an unknown video, ``probe`` on bad input). Every line goes through :func:`redact`, so a
@@ -15,7 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pydantic
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
@@ -31,7 +35,7 @@ class CliError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, setting: str | None = None, value: Any = None) -> None:
+    def __init__(self, message: str, *, setting: str | None = None, value: object = None) -> None:
         super().__init__(message)
         self.message = message
         self.setting = setting
@@ -67,6 +71,8 @@ def setting_source(name: str, args: argparse.Namespace | None) -> str:
     """How the user gave the Settings field ``name``: its flag when given on the command line, else its
     ``TAGSTREAM_*`` variable when set, else the flag (the default was used). A name that is not a field
     (``--gpus``, ``VIDEO_ID``) is returned as it is."""
+    # config, pydantic and redis are imported where an error is explained, not when worker.cli starts:
+    # each takes 0.1-0.3 s to import, which `tagstream --help` and `--version` need not pay.
     from worker.config import Settings
 
     if name not in Settings.model_fields:
@@ -78,14 +84,14 @@ def setting_source(name: str, args: argparse.Namespace | None) -> str:
     return env if env in os.environ else flag
 
 
-def _setting_line(setting: str | None, value: Any, message: str, args: argparse.Namespace | None) -> str:
+def _setting_line(setting: str | None, value: object, message: str, args: argparse.Namespace | None) -> str:
     if setting is None:
         return message
     where = setting_source(setting, args)
     return f"{where} {value!r}: {message}" if value is not None else f"{where}: {message}"
 
 
-def _validation_line(exc: Any, args: argparse.Namespace | None) -> str:
+def _validation_line(exc: pydantic.ValidationError, args: argparse.Namespace | None) -> str:
     """One clause per pydantic error, '; '-joined: ``--concurrency 'abc': input should be a valid
     integer``. A validator's own ValueError text is used without pydantic's 'Value error, ' prefix."""
     parts = []
@@ -104,13 +110,18 @@ def explain(exc: BaseException, args: argparse.Namespace | None = None) -> tuple
     command line, when parsing got that far) tells whether a setting came from a flag or the
     environment. Redis errors not already turned into a :class:`CliError` by the command (the command
     checks the connection first) are reported with redis' own text, which names the server."""
-    import pydantic
+    import pydantic  # see setting_source
     import redis
+
+    from model.errors import InputError
+    from model.safe_pickle import UnsafePickleError  # imports numpy: only when a command has failed
 
     if isinstance(exc, CliError):
         line, code = "error: " + _setting_line(exc.setting, exc.value, exc.message, args), exc.exit_code
     elif isinstance(exc, pydantic.ValidationError):
         line, code = "error: " + _validation_line(exc, args), EXIT_USAGE
+    elif isinstance(exc, InputError | UnsafePickleError | FileNotFoundError):  # what the user pointed the command at
+        line, code = f"error: {exc}", EXIT_USAGE
     elif isinstance(exc, redis.AuthenticationError):  # a ConnectionError subclass, but a setting is wrong
         line = f"error: Redis refused the credentials ({exc}); check the user and password in the Redis URL"
         code = EXIT_USAGE

@@ -122,7 +122,7 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_schemes", "allowed_hosts", "allowed_roots", mode="before")
     @classmethod
-    def _split_csv(cls, value: Any) -> Any:
+    def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value

@@ -10,18 +10,25 @@ The set of reasons is closed (see ``REASONS``) so metric labels stay bounded.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TagstreamError(Exception):
-    """Base class. ``reason`` is a stable, machine-readable code; the message is for humans."""
+    """Base class. ``reason`` is a stable, machine-readable code; the message is for humans.
+
+    ``detail``: facts for the failed document's ``error`` (the URI, sizes, the decoder's exit status).
+    ``timings_s``: the per-stage seconds of the engine's work on the video before it failed (set by the
+    engine; None when the failure came before it)."""
 
     reason: str = "internal_error"
     permanent: bool = True
 
-    def __init__(self, message: str = "", *, detail: dict | None = None) -> None:
+    def __init__(self, message: str = "", *, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message or self.reason)
         self.detail = detail or {}
+        self.timings_s: dict[str, float] | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "message": str(self), "permanent": self.permanent, **self.detail}
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 RESULT_PREFIX = "tagstream:tags:"
-"""``tagstream:tags:{video_id}``: one JSON result document per video (DESIGN.md section 3)."""
+"""``tagstream:tags:{video_id}``: one JSON result document per video (:mod:`worker.engine.document`)."""
 
 TAGGED_STREAM = "tagstream:tagged"
 """Capped stream with one entry per finished video (``video_id``, ``status``, ``reason``)."""
@@ -28,7 +29,7 @@ def result_key(video_id: str) -> str:
 
 def first_seen_key(intermediate_queue_key: str) -> str:
     """Hash of job id -> when maintenance first saw the job in rq's intermediate list
-    (:class:`worker.rq_maintenance.BoundedIntermediateQueue`); a worker removes its job's entry when the
+    (:class:`worker.jobs.maintenance.BoundedIntermediateQueue`); a worker removes its job's entry when the
     job starts."""
     return f"{intermediate_queue_key}:first_seen"
 
@@ -36,8 +37,6 @@ def first_seen_key(intermediate_queue_key: str) -> str:
 def job_id_for(video_id: str) -> str:
     """rq job id for a video: ``tag-`` + the id with every character outside ``[A-Za-z0-9_-]``
     replaced by ``_``, plus a short hash when anything was replaced so distinct ids stay distinct."""
-    import hashlib
-
     safe = _JOB_ID_UNSAFE.sub("_", video_id)
     if safe != video_id or not video_id:
         safe = f"{safe[:80]}-{hashlib.sha1(video_id.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"

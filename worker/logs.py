@@ -1,6 +1,6 @@
 """Logging configuration of every ``tagstream`` command: text (the default) or JSON lines on stderr.
 
-* ``text``: ``2026-01-02 03:04:05,678 INFO worker.rq_worker: message`` (as before).
+* ``text``: ``2026-01-02 03:04:05,678 INFO worker.jobs.worker: message`` (as before).
 * ``json``: one JSON object per line with ``time`` (ISO 8601, UTC, milliseconds, ``Z``), ``level``,
   ``logger``, ``message`` and, where known, ``video_id`` and ``job_id``; ``exc_info`` (the formatted
   traceback, a string) when the record carries an exception and ``stack_info`` when it carries a stack.
@@ -8,7 +8,7 @@
 Job context: a record gets ``video_id`` / ``job_id`` either from ``extra={"video_id": ..., "job_id": ...}``
 on the logging call or, when it has none, from the innermost :func:`log_context` active in the logging
 thread (a :class:`contextvars.ContextVar`, so each job thread has its own and a new thread starts
-with none). The worker enters :func:`log_context` around each job (``worker.rq_worker``), so everything
+with none). The worker enters :func:`log_context` around each job (``worker.jobs.worker``), so everything
 logged while the job runs in its thread (rq's messages included) carries both ids.
 
 Nothing here imports torch, rq or pydantic: ``tagstream enqueue`` stays light.

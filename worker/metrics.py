@@ -9,7 +9,7 @@ prometheus_client's process (``process_*``: memory, CPU, open fds, start time), 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +23,11 @@ from prometheus_client import (
 
 from worker.errors import REASONS
 
+if TYPE_CHECKING:
+    import torch
+
+#: The stages of a video, in order: the ``stage`` label values here and the keys of a result document's
+#: ``timings_s`` (:mod:`worker.engine.document`).
 STAGES = ("queue_wait", "decode", "image", "audio", "text", "fusion", "total")
 OUTCOMES = ("tagged", "failed", "retried", "handed_back")
 EXTRACTORS = ("image", "audio", "text", "fusion")
@@ -108,12 +113,12 @@ class Metrics:
         for extractor in EXTRACTORS:
             self.batch_size.labels(extractor)
 
-    def track_gpu_memory(self, device: Any) -> bool:
+    def track_gpu_memory(self, device: str | torch.device) -> bool:
         """Export ``tagstream_gpu_memory_bytes`` for ``device`` when it is a CUDA device, read at each
         scrape: ``reserved`` and ``allocated`` (torch's caching allocator in this process), ``used``
         (the whole device, all processes: total minus free) and ``total``. Any other device exports no
-        series (returns False). Imports torch only when called."""
-        import torch
+        series (returns False)."""
+        import torch  # only when called: producers import this module (through jobs), and must not load torch
 
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
