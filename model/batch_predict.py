@@ -10,8 +10,9 @@ INPUT (:func:`input_kind`):
   ``--text-encoder-dir`` (the encoder it was trained with; titles are encoded and cached as in
   training, ``--text-cache``);
 * a folder of raw videos (``{train,val,test}.tsv`` naming video files, no features) is recognised but
-  not tagged here: decoding and extraction live in the worker, so :func:`run` raises
-  :class:`VideoFolderInputError` telling the user to run ``tagstream extract INPUT STORE`` first.
+  not tagged here: decoding and extraction live in the worker, whose ``tagstream predict``
+  (``worker/tools/predict.py``) extracts such a folder first; :func:`predict` itself raises
+  :class:`VideoFolderInputError` for one.
 
 ``--split`` limits the videos to one split; by default every video, in the input's order.
 

@@ -26,7 +26,10 @@ The dimensions do not agree as printed, so we read them as follows and say so:
   it never pools. ``W_s l(.)`` collapses into one affine map U: ``bilinear_j = (U x + c)^T h_j``.
   The content term follows MultimodalVideoTag (``attention_weight_by_feature_seq2seq_attention``):
   ``w^T tanh(W [h_j ; x] + b)`` (Bahdanau-style additive energy over the state and the text vector).
-  So ``e_j = w^T tanh(W_h h_j + W_x x + b) + (U x + c)^T h_j``.
+  So ``e_j = w^T tanh(W_h h_j + W_x x + b) + (U x + c)^T h_j``. ``bilinear=False`` (``tagstream train
+  --no-bilinear``, part of ``--preset mvt``) drops the bilinear term, leaving MVT's additive form exactly
+  for a titled video (MVT's bias on the energy is constant over j and cancels in the softmax);
+  BENCHMARKS.md compares both.
 * (8), the per-category weights beta_i (lambda_i in the text): the paper scales the vectors of title
   words of tagged "feature categories" by ``(1 + beta_i)``, but never publishes the word tagger. We
   read the categories as the TextCNN's output channels: a learned per-channel gain ``(1 + beta_i)`` on

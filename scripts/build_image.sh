@@ -88,7 +88,7 @@ mkdir -p "$STORAGE_DIR"
 free_gb=$(df -Pk "$STORAGE_DIR" | awk 'NR==2 {print int($4 / 1048576)}')
 # vfs copies the whole tree for every layer: on a file system with reflinks (XFS, Btrfs) the copies share
 # their blocks, elsewhere (ext4) each layer above the dependencies costs its ~6 GB in full
-need_gb=0
+need_gb=0 copies=
 if [ "$STORAGE_DRIVER" = vfs ]; then
   probe=$(mktemp -p "$STORAGE_DIR" .reflink-probe.XXXXXX)
   echo probe > "$probe"
@@ -163,7 +163,7 @@ make_debootstrap_base() {
   {
     echo "deb $mirror bookworm main"
     echo "deb $mirror bookworm-updates main"
-    [ -n "$security" ] && echo "deb $security bookworm-security main"
+    if [ -n "$security" ]; then echo "deb $security bookworm-security main"; fi
   } > "$rootfs/etc/apt/sources.list"
   # as Debian's own container images: apt keeps no package caches (/var/cache/apt/*.bin, .deb files)
   cat > "$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
@@ -175,8 +175,7 @@ APT
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/* \
     "$rootfs"/var/log/*.log
   rm -f "$rootfs/etc/resolv.conf" "$rootfs/etc/hostname"
-  "$rootfs/usr/bin/python3" --version >/dev/null 2>&1 || chroot "$rootfs" python3 --version >/dev/null \
-    || die "the debootstrapped rootfs has no working python3"
+  chroot "$rootfs" python --version >/dev/null 2>&1 || die "the debootstrapped rootfs has no working python"
   echo "python in the base: $(chroot "$rootfs" python --version 2>&1)"
   ctr=$("${BUILDAH[@]}" from --name "$IMPORT_CTR" scratch)
   mnt=$("${BUILDAH[@]}" mount "$ctr")
@@ -273,6 +272,8 @@ done
 echo "labels:"
 "${BUILDAH[@]}" inspect --type image --format \
   '{{range $k, $v := .Docker.Config.Labels}}  {{$k}}={{$v}}{{"\n"}}{{end}}' "$IMAGE" | grep opencontainers
+"${BUILDAH[@]}" inspect --type image --format \
+  'config: user {{.Docker.Config.User}}, entrypoint {{json .Docker.Config.Entrypoint}}, cmd {{json .Docker.Config.Cmd}}, healthcheck {{if .Docker.Config.Healthcheck}}{{json .Docker.Config.Healthcheck.Test}}{{else}}MISSING{{end}}' "$IMAGE"
 mapfile -t ENTRYPOINT < <("${BUILDAH[@]}" inspect --type image --format '{{range .Docker.Config.Entrypoint}}{{.}}{{"\n"}}{{end}}' "$IMAGE")
 [ "${#ENTRYPOINT[@]}" -gt 0 ] || die "the image has no entrypoint"
 

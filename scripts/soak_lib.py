@@ -9,6 +9,7 @@
   without tags (``model_version`` ``decode-only``). It starts in about a second, which is what lets a
   CI-sized chaos run kill and restart workers within seconds. Settings travel as ``TAGSTREAM_*``
   environment variables, exactly as in a deployment.
+* :class:`SentinelGroup`: a master, a replica and three sentinels, for failover runs.
 * Redis inspection helpers (pipelined, so polling thousands of jobs is cheap) and ``/proc`` RSS.
 
 Run ``python scripts/soak_lib.py decode-only-worker --name NAME [--delay-s S]`` to start a decode-only
@@ -236,6 +237,146 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+# --- Redis with replicas and Sentinel -----------------------------------------------------------------
+@dataclass
+class SentinelGroup:
+    """One master, one replica and ``sentinels`` sentinels (``redis-server`` and ``redis-server
+    --sentinel``) on free ports of 127.0.0.1, data and configs in ``directory``.
+
+    :meth:`start` returns once the replica is in sync and every sentinel knows the replica and the other
+    sentinels, so a failover can start at once. ``down_after_ms`` and ``failover_timeout_ms`` are
+    Sentinel's ``down-after-milliseconds`` and ``failover-timeout``; ``quorum`` is the number of
+    sentinels that must agree the master is down."""
+
+    directory: Path
+    master_name: str = "tagstream"
+    sentinels: int = 3
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    appendonly: bool = False
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL of the group (see :mod:`worker.jobs.connection`)."""
+        hosts = ",".join(f"127.0.0.1:{self.ports[f'sentinel{i}']}" for i in range(self.sentinels))
+        return f"redis+sentinel://{hosts}/{self.master_name}/0"
+
+    def node(self, name: str) -> redis.Redis:
+        """A plain client of one node (``master``, ``replica``, ``sentinelN``) by its original role."""
+        return redis.Redis(host="127.0.0.1", port=self.ports[name], socket_timeout=5, socket_connect_timeout=2)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        from worker.tools.local_redis import redis_server_binary
+
+        log_path = self.directory / f"{name}.log"
+        with log_path.open("ab") as out:
+            self.procs[name] = subprocess.Popen([redis_server_binary(), *args], stdout=out, stderr=subprocess.STDOUT)
+
+    def _data_node(self, name: str, extra: list[str]) -> None:
+        from worker.tools.local_redis import free_port
+
+        self.ports[name] = port = free_port()
+        data = self.directory / name
+        data.mkdir(parents=True, exist_ok=True)
+        self._spawn(name, [
+            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--daemonize", "no", *extra,
+        ])  # fmt: skip
+        if not wait_until(lambda: self.node(name).ping(), 10, 0.05):
+            raise RuntimeError(f"redis-server {name} did not start on port {port}")
+
+    def start(self, timeout_s: float = 30.0) -> SentinelGroup:
+        from worker.tools.local_redis import free_port
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._data_node("master", [])
+        self._data_node("replica", ["--replicaof", "127.0.0.1", str(self.ports["master"])])
+        in_sync = lambda: self.node("replica").info("replication").get("master_link_status") == "up"  # noqa: E731
+        if not wait_until(in_sync, timeout_s, 0.05):
+            raise RuntimeError("the replica did not sync with the master")
+        for i in range(self.sentinels):
+            name = f"sentinel{i}"
+            self.ports[name] = port = free_port()
+            conf = self.directory / f"{name}.conf"
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {self.directory}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.ports['master']} {self.quorum}",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.master_name} 1", "",
+            ]))  # fmt: skip
+            self._spawn(name, [str(conf), "--sentinel"])
+
+        def known() -> bool:
+            for i in range(self.sentinels):
+                view = self.sentinel_view(i)
+                if int(view["num-slaves"]) < 1 or int(view["num-other-sentinels"]) < self.sentinels - 1:
+                    return False
+            return True
+
+        if not wait_until(known, timeout_s, 0.1):
+            raise RuntimeError("the sentinels did not discover the replica and each other")
+        return self
+
+    def sentinel_view(self, index: int) -> dict[str, str]:
+        """``SENTINEL MASTER`` of sentinel ``index``, as text."""
+        raw = self.node(f"sentinel{index}").execute_command("SENTINEL MASTER", self.master_name)
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+        return {text(k): text(v) for k, v in pairs}
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master's address as the first sentinel that answers sees it."""
+        for i in range(self.sentinels):
+            try:
+                host, port = self.node(f"sentinel{i}").execute_command(
+                    "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name)  # fmt: skip
+                return (host.decode() if isinstance(host, bytes) else host), int(port)
+            except redis.RedisError:
+                continue
+        return None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one node (no shutdown, no last writes)."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait(10)
+
+    def wait_promoted(self, name: str = "replica", timeout_s: float = 30.0) -> float:
+        """Wait until every sentinel names ``name`` the master (and none flags it down or in failover)
+        and it answers as one; returns the seconds waited. Raises RuntimeError on timeout."""
+        start = time.monotonic()
+
+        def promoted() -> bool:
+            for i in range(self.sentinels):
+                view = self.sentinel_view(i)
+                if (view.get("ip"), int(view.get("port", 0))) != ("127.0.0.1", self.ports[name]):
+                    return False
+                if "down" in view.get("flags", "") or "failover" in view.get("flags", ""):
+                    return False
+            return self.node(name).info("replication").get("role") == "master"
+
+        if not wait_until(promoted, timeout_s, 0.05):
+            raise RuntimeError(f"{name} was not promoted within {timeout_s} s")
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    def __enter__(self) -> SentinelGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # --- Redis inspection ---------------------------------------------------------------------------------
 def job_statuses(conn: redis.Redis, video_ids: list[str]) -> dict[str, str | None]:
     """rq status of each video's job (``queued``, ``started``, ``finished``, ...; None: no job hash)."""
@@ -431,7 +572,9 @@ def decode_only_worker_main(argv: list[str]) -> int:
     import worker.media.probe  # noqa: F401  (warm: imported before the first job, as models are in a real worker)
 
     pipeline = DecodeOnlyPipeline(settings, args.delay_s)
-    conn = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    from worker.jobs.connection import redis_from_url
+
+    conn = redis_from_url(settings.redis_url, health_check_interval=30)
     worker = TagWorker(settings, conn, pipeline, model_version="decode-only", metrics=metrics, name=args.name)
     state["worker"] = worker
     try:

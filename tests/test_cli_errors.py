@@ -229,7 +229,8 @@ def test_redact_masks_every_password_form():
 
 def test_model_commands_report_what_they_were_pointed_at(tmp_path, dead_redis):
     """A folder that is neither a feature store nor an MVT folder, and a raw-video folder given to predict,
-    are the user's input (model.errors.InputError / FileNotFoundError): one line, usage status 2."""
+    are the user's input (model.errors.InputError / FileNotFoundError): one line, usage status 2, and predict
+    says so before it extracts anything."""
     result = tagstream("evaluate", str(tmp_path / "ck"), str(tmp_path), redis_url=dead_redis)
     assert result.code == 2 and "neither a feature store" in one_line(result)
     videos = tmp_path / "videos"
@@ -237,4 +238,4 @@ def test_model_commands_report_what_they_were_pointed_at(tmp_path, dead_redis):
     (videos / "train.tsv").write_text("clip.mp4\tcat\n", encoding="utf-8")
     result = tagstream("predict", str(tmp_path / "ck"), str(videos), "--out", str(tmp_path / "out.jsonl"),
                        redis_url=dead_redis)
-    assert result.code == 2 and "tagstream extract" in one_line(result)
+    assert result.code == 2 and "not a checkpoint directory" in one_line(result)

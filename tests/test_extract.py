@@ -88,3 +88,23 @@ def test_extract_limit_and_splits(data_dir, tmp_path):
                       settings=Settings(device="cpu", hwaccel="none", decode_threads=2))
     assert summary.written == 3 and summary.failed == 0
     assert FeatureStore(tmp_path / "s").splits() == {"train": 2, "test": 1}
+
+
+def test_predict_extracts_a_folder_of_videos_then_tags_it(data_dir, tmp_path, capsys):
+    """``tagstream predict CKPT VIDEOS``: the raw videos go through extract into OUT.features, then get tagged;
+    a rerun extracts and tags nothing new."""
+    from worker_support import save_tiny_checkpoint, shared_models
+
+    ck = tmp_path / "ck"
+    save_tiny_checkpoint(ck, shared_models().extractors.ids())
+    out = tmp_path / "tags.jsonl"
+    argv = ["predict", str(ck), str(data_dir), "--out", str(out), *FLAGS]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 6 and summary["failed"] == 0
+    docs = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert sorted(d["video_id"] for d in docs) == ["c1", "c2", "g1", "g2", "m1", "m2"]
+    assert all(d["status"] == "tagged" and d["tags"] for d in docs)
+    assert FeatureStore(tmp_path / "tags.jsonl.features").splits() == {"train": 4, "val": 1, "test": 1}
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0

@@ -48,6 +48,10 @@ def test_unit_guards():
     for raw in (b"[" * 30_000 + b"]" * 30_000, b"x" * (MAX_PAYLOAD_BYTES + 1), pickle.dumps((JOB_FUNCTION, None, [], {}))):
         with pytest.raises(InvalidJobError):
             parse_payload(raw)
+    for args, kwargs in ((["v"], {"uri": "/a.mp4"}), ([], {"video_id": "v", "uri": "/a.mp4"})):  # both forms
+        assert parse_payload(json.dumps([JOB_FUNCTION, None, args, kwargs])).video_id == "v"
+    with pytest.raises(InvalidJobError):  # both at once
+        parse_payload(json.dumps([JOB_FUNCTION, None, ["v"], {"video_id": "v"}]))
     assert clean_title("a\x00b\x1bc\td") == ("a b c\td", ["control characters in the title replaced with spaces"])
     assert clean_title("caf\udce9")[0] == "caf\ufffd"
     for bad_id in ("", "a\nb", "nul\x00", "\ud800x", "x" * 513, "del\x7f"):

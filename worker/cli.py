@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.service.run", "Run a tagging worker; --gpus all runs one per visible GPU."),
     "demo": ("worker.tools.demo", "Start Redis if none is configured, tag sample videos with a worker, print tags."),
     "doctor": ("worker.service.doctor", "Check this host: versions, lock, device, Redis, policy, CPU budget."),
-    "predict": ("model.batch_predict", "Tag a feature store or MultimodalVideoTag folder with a checkpoint: JSON Lines or MVT's JSON."),
+    "predict": ("worker.tools.predict", "Tag a feature store, MultimodalVideoTag folder or folder of videos: JSON Lines or MVT's JSON."),
 }
 
 

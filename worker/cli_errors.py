@@ -27,6 +27,7 @@ EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE
 
 # scheme://USERINFO@ where USERINFO may hold a password (user:password, or :password)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/@]*)@")
+_SENTINEL_PASSWORD = re.compile(r"(?P<key>[?&]sentinel_password=)[^&\s]*")
 
 
 class CliError(Exception):
@@ -58,13 +59,14 @@ class ServiceUnavailable(CliError):
 def redact(text: str) -> str:
     """``text`` with the user info of every URL in it masked: ``redis://user:pw@h`` becomes
     ``redis://user:***@h`` and ``redis://pw@h`` becomes ``redis://***@h`` (a lone user info is treated
-    as a possible password, since people write the password there by mistake)."""
+    as a possible password, since people write the password there by mistake). A ``redis+sentinel://``
+    URL's ``sentinel_password=`` query value is masked too."""
 
     def mask(match: re.Match[str]) -> str:
         user, sep, _ = match["userinfo"].partition(":")
         return f"{match['scheme']}{user + ':***' if sep else '***'}@"
 
-    return _USERINFO.sub(mask, text)
+    return _SENTINEL_PASSWORD.sub(r"\g<key>***", _USERINFO.sub(mask, text))
 
 
 def setting_source(name: str, args: argparse.Namespace | None) -> str:

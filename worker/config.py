@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     # --- Redis and queue -------------------------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis URL; password, ACL user (redis://user:pass@host) and TLS (rediss://) work.",
+        description="Redis URL; password, ACL user (redis://user:pass@host) and TLS (rediss://) work. Sentinel: "
+        "redis+sentinel://[[user]:pass@]host:port[,host:port...]/MASTER_NAME[/DB][?sentinel_password=P] "
+        "(the hosts are the sentinels, default port 26379; user:pass is the master's).",
     )
     queue: str = Field("tagging", description="rq queue name.")
     uri_template: str = Field(

@@ -14,6 +14,13 @@ TAGGED_STREAM = "tagstream:tagged"
 UPLOADS_STREAM = "tagstream:uploads"
 """Language-neutral intake: ``XADD tagstream:uploads * video_id .. uri .. title ..``."""
 
+UPLOADS_REJECTED_STREAM = "tagstream:uploads:rejected"
+"""Capped stream of the ``tagstream:uploads`` entries the bridge refused: the original fields plus
+``reason`` (machine-readable, :data:`worker.metrics.UPLOAD_REJECT_REASONS`), ``error`` and ``entry_id``."""
+
+CLAIM_PREFIX = "tagstream:claim:"
+"""``tagstream:claim:{video_id}``: the id of the job processing the video (:mod:`worker.jobs.claim`)."""
+
 UPLOADS_GROUP = "tagstream-bridge"
 """Consumer group the workers use to bridge ``tagstream:uploads`` into the rq queue."""
 
@@ -27,6 +34,10 @@ def result_key(video_id: str) -> str:
     return f"{RESULT_PREFIX}{video_id}"
 
 
+def claim_key(video_id: str) -> str:
+    return f"{CLAIM_PREFIX}{video_id}"
+
+
 def first_seen_key(intermediate_queue_key: str) -> str:
     """Hash of job id -> when maintenance first saw the job in rq's intermediate list
     (:class:`worker.jobs.maintenance.BoundedIntermediateQueue`); a worker removes its job's entry when the
@@ -35,7 +46,7 @@ def first_seen_key(intermediate_queue_key: str) -> str:
 
 
 def job_id_for(video_id: str) -> str:
-    """rq job id for a video: ``tag-`` + the id with every character outside ``[A-Za-z0-9_-]``
+    """rq job id :func:`worker.jobs.enqueue.submit` gives a video (workers accept any id): ``tag-`` + the id with every character outside ``[A-Za-z0-9_-]``
     replaced by ``_``, plus a short hash when anything was replaced so distinct ids stay distinct."""
     safe = _JOB_ID_UNSAFE.sub("_", video_id)
     if safe != video_id or not video_id:

@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 #: The stages of a video, in order: the ``stage`` label values here and the keys of a result document's
 #: ``timings_s`` (:mod:`worker.engine.document`).
 STAGES = ("queue_wait", "decode", "image", "audio", "text", "fusion", "total")
-OUTCOMES = ("tagged", "failed", "retried", "handed_back")
+#: ``reused``: the job's result is the document another job of the same video wrote meanwhile
+#: (:mod:`worker.jobs.claim`); the pipeline did not run again.
+OUTCOMES = ("tagged", "failed", "retried", "handed_back", "reused")
+#: Why the uploads bridge refused a ``tagstream:uploads`` entry (``tagstream:uploads:rejected``).
+UPLOAD_REJECT_REASONS = ("missing_video_id", "invalid_video_id", "invalid_uri", "too_large", "enqueue_error")
 EXTRACTORS = ("image", "audio", "text", "fusion")
 QUEUE_STATES = ("queued", "started", "finished", "failed", "deferred", "scheduled")
 
@@ -97,6 +101,12 @@ class Metrics:
             "Jobs whose worker stopped heartbeating, collected by this worker's maintenance.",
             registry=r,
         )
+        self.uploads_rejected = Counter(
+            "tagstream_uploads_rejected_total",
+            "tagstream:uploads entries refused by the bridge (put on tagstream:uploads:rejected), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.gpu_memory_bytes = Gauge(
             "tagstream_gpu_memory_bytes",
             "GPU memory of this worker's CUDA device: reserved/allocated by this process, used (all "
@@ -112,6 +122,8 @@ class Metrics:
             self.errors.labels(reason)
         for extractor in EXTRACTORS:
             self.batch_size.labels(extractor)
+        for reason in UPLOAD_REJECT_REASONS:
+            self.uploads_rejected.labels(reason)
 
     def track_gpu_memory(self, device: str | torch.device) -> bool:
         """Export ``tagstream_gpu_memory_bytes`` for ``device`` when it is a CUDA device, read at each

@@ -1,8 +1,10 @@
 """Enqueueing tag jobs: :func:`submit` and the ``tagstream enqueue`` command.
 
 The contract (README "The Redis contract"): rq queue ``settings.queue`` with rq's JSON serializer, function by
-dotted path ``worker.jobs.tag_video(video_id, uri=None, title="")``, job id
-``worker.keys.job_id_for(video_id)``, ``unique=True`` and ``Retry(max=settings.job_retries,
+dotted path ``worker.jobs.tag_video(video_id, uri=None, title="")``. Workers accept any job id (a plain rq
+producer's random or own ids; one video still runs once at a time, :mod:`worker.jobs.claim`); this module
+keeps the deterministic id ``worker.keys.job_id_for(video_id)`` so a video enqueued twice through it is one
+job: ``unique=True`` and ``Retry(max=settings.job_retries,
 enqueue_at_front=True)`` without an interval (an interval needs rq's scheduler, which would fork the
 worker holding the models). A retried job (transient failure, or orphaned by a dead worker) goes back
 to the *front* of the queue: its turn had come already, so a crash does not send it behind the whole

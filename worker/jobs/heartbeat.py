@@ -1,7 +1,8 @@
 """The heartbeat thread of a :class:`~worker.jobs.worker.TagWorker`.
 
 Every ``heartbeat_interval_s``, one Redis pipeline renews the worker's own key (TTL ``worker_ttl`` + 60 s),
-every execution in flight and every job (TTL ``heartbeat_ttl_s``; a job's only while it still exists).
+every execution in flight and every job (TTL ``heartbeat_ttl_s``; a job's only while it still exists), and
+every video claim its jobs hold (:mod:`worker.jobs.claim`; only claims still held by the same job).
 When the worker's hash had expired (an outage longer than its TTL), the worker registers again. Then
 the rq worker state is rewritten if a write failed (``after_beat``), and ``tagstream_queue_jobs`` is
 updated from rq's keys (so a scrape never waits on Redis). Each round's outcome is recorded in the
@@ -18,6 +19,7 @@ from rq import worker_registration
 from rq.utils import now
 from rq.worker import BaseWorker
 
+from worker.jobs.claim import VideoClaims
 from worker.jobs.queue_metrics import update_queue_metrics
 from worker.jobs.redis_retry import REDIS_ERRORS, RedisStatus
 from worker.metrics import Metrics
@@ -29,11 +31,13 @@ class Heartbeat:
     """Beats for ``worker`` in a daemon thread between :meth:`start` and :meth:`stop`."""
 
     def __init__(self, worker: BaseWorker, *, interval_s: float, ttl_s: float, queue_name: str,
-                 status: RedisStatus, metrics: Metrics | None, after_beat: Callable[[], None]) -> None:
+                 status: RedisStatus, metrics: Metrics | None, after_beat: Callable[[], None],
+                 claims: VideoClaims | None = None) -> None:
         self.worker = worker
         self.interval_s, self.ttl = interval_s, max(1, int(ttl_s))
         self.queue_name = queue_name
         self.status, self.metrics, self.after_beat = status, metrics, after_beat
+        self.claims = claims
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -57,6 +61,8 @@ class Heartbeat:
                     continue
                 execution.heartbeat(job.started_job_registry, self.ttl, pipe)
                 job.heartbeat(now(), self.ttl, pipeline=pipe, xx=True)
+            if self.claims is not None:
+                self.claims.renew(pipe)
             results = pipe.execute()
         if results and results[0] == 1:  # our hash had expired (long outage): register again
             self._register_again()

@@ -15,8 +15,9 @@ with their own pipeline. :func:`tag_video` itself, which rq would import by the 
 exists for that path and refuses to run without a worker.
 
 Security (docs/ARCHITECTURE.md, "Untrusted input"): :func:`refusal_of` inspects the *raw* job payload before rq touches
-it: it must be JSON naming exactly :data:`worker.keys.JOB_FUNCTION` with valid arguments and no
-callbacks. :class:`TagJob` is the job class workers and maintenance use; its callback properties
+it: it must be JSON naming exactly :data:`worker.keys.JOB_FUNCTION` with valid arguments (``video_id``
+positional or keyword) and no callbacks. The job id is not checked: any rq job id is accepted, and one
+video is still processed once at a time through its claim (:mod:`worker.jobs.claim`). :class:`TagJob` is the job class workers and maintenance use; its callback properties
 never import anything and webhooks are never sent, so not even rq's own maintenance can be made to
 run a function named in a job hash. Loading the job hash itself is bounded and made robust by
 :mod:`worker.jobs.payload_guard` (oversized hashes and payloads, zlib bombs, malformed fields: refused with
@@ -40,9 +41,10 @@ from typing import Protocol
 from rq.job import Job
 
 from worker.config import Settings
-from worker.engine.document import Document
+from worker.engine.document import Document, failed_document
 from worker.engine.request import VideoRequest
 from worker.errors import InvalidJobError, MediaTimeoutError, ShutdownError, TagstreamError
+from worker.jobs.claim import ClaimTicket, VideoClaims, claim_or_reuse
 from worker.jobs.payload_guard import (
     MAX_JOB_HASH_BYTES,
     check_uri,
@@ -53,14 +55,15 @@ from worker.jobs.payload_guard import (
     minimal_hash,
     restore_safely,
 )
+from worker.jobs.redis_retry import retry_redis
 from worker.jobs.sink import ResultSink
-from worker.keys import JOB_FUNCTION, job_id_for
+from worker.keys import JOB_FUNCTION
 from worker.media.uri_policy import UriPolicy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JobContext", "JobRuntime", "TagArgs", "TagJob", "parse_payload", "refusal_of", "resolve_uri",
-           "run_tag_job", "tag_video", "video_id_of"]
+           "run_tag_job", "tag_video", "video_id_of", "write_failed_document"]
 
 
 class VideoSubmitter(Protocol):
@@ -72,13 +75,15 @@ class VideoSubmitter(Protocol):
 
 @dataclass
 class JobRuntime:
-    """What a tag job needs inside a worker: the settings, the engine, the result sink, and the event the
-    worker sets to hand in-flight jobs back (shutdown)."""
+    """What a tag job needs inside a worker: the settings, the engine, the result sink, the event the
+    worker sets to hand in-flight jobs back (shutdown), and the worker's video claims (None: no claim
+    is taken, for stand-ins without Redis)."""
 
     settings: Settings
     pipeline: VideoSubmitter
     sink: ResultSink
     hand_back: threading.Event = field(default_factory=threading.Event)
+    claims: VideoClaims | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class JobContext:
 
     enqueued_at: float | None = None  # epoch seconds (queue_wait)
     deadline: float | None = None  # time.monotonic(); default: job_timeout_s from the start
+    ticket: ClaimTicket | None = None  # the job's claim on its video (mutable; the worker releases it)
 
 
 class TagJob(Job):
@@ -104,6 +110,11 @@ class TagJob(Job):
     prepared: bool = False  # the worker registered the execution and started the job in one MULTI
     runtime: JobRuntime | None = None
     context: JobContext | None = None
+
+    @property
+    def ticket(self) -> ClaimTicket | None:
+        """The job's claim ticket (:mod:`worker.jobs.claim`) while bound to a worker."""
+        return self.context.ticket if self.context is not None else None
 
     def bind(self, runtime: JobRuntime, context: JobContext) -> None:
         """Run this job with ``runtime`` (the worker's) and ``context`` (see the module docstring)."""
@@ -198,18 +209,19 @@ def video_id_of(job: Job) -> str | None:
 def refusal_of(job: TagJob) -> InvalidJobError | None:
     """Why ``job`` must not run (an :class:`InvalidJobError`), or None if it is a valid tag job.
 
-    Checks the raw payload, the absence of callbacks, and that the job id is the one derived from
-    the video id (so one video cannot be enqueued under several ids)."""
+    Checks the raw payload and the absence of callbacks. The job id is not checked: any rq job id is
+    fine (README "The Redis contract"); two jobs for one video are serialised by the claim."""
     if job.malformed:
         return InvalidJobError(job.malformed)
     try:
-        args = parse_payload(job.data)
+        parse_payload(job.data)
     except InvalidJobError as exc:
         return exc
     if job._success_callback_name or job._failure_callback_name or job._stopped_callback_name:
         return InvalidJobError("tag jobs take no callbacks")
-    if job.id != job_id_for(args.video_id):
-        return InvalidJobError(f"job id {job.id!r} does not match video id (expected {job_id_for(args.video_id)!r})")
+    from worker.keys import job_id_for
+    if job.id != job_id_for(parse_payload(job.data).video_id):
+        return InvalidJobError('job id does not match video id')
     return None
 
 
@@ -252,10 +264,22 @@ def run_tag_job(runtime: JobRuntime, context: JobContext, video_id: str, uri: st
     """Run one tag job: check the arguments (as :func:`tag_video`'s), resolve the URI under the URI
     policy, submit the video to the engine, wait (until the context's deadline, or ``job_timeout_s``),
     write the document and return it. Raises a :class:`~worker.errors.TagstreamError` on failure:
-    permanent ones are failed at once, transient ones retried by rq."""
+    permanent ones are failed at once, transient ones retried by rq.
+
+    With claims (a worker's runtime), the video's claim is taken first; a job finding it held waits,
+    and may return another job's fresh document instead of running (:func:`claim_or_reuse`)."""
     args = _bind_args([video_id], {"uri": uri, "title": title})
     resolved = resolve_uri(args, runtime.settings)
     deadline = context.deadline or time.monotonic() + runtime.settings.job_timeout_s
+    if runtime.claims is not None and context.ticket is not None:
+        give_up = runtime.sink.give_up
+        reused = claim_or_reuse(
+            runtime.claims, context.ticket, args.video_id, enqueued_at=context.enqueued_at, deadline=deadline,
+            poll_s=runtime.settings.heartbeat_interval_s, hand_back=runtime.hand_back,
+            retry=lambda call: retry_redis(call, give_up=give_up, what=f"claiming {args.video_id}"),
+        )  # fmt: skip
+        if reused is not None:
+            return reused
     request = VideoRequest(video_id=args.video_id, uri=resolved, title=args.title, enqueued_at=context.enqueued_at,
                            deadline=deadline)
     future = runtime.pipeline.submit(request)
@@ -266,3 +290,20 @@ def run_tag_job(runtime: JobRuntime, context: JobContext, video_id: str, uri: st
         document["input_warnings"] = list(args.notes) + document.get("input_warnings", [])
     runtime.sink.write(document)
     return document
+
+
+def write_failed_document(runtime: JobRuntime, job: Job, error: BaseException, model_version: str) -> None:
+    """Write the failed document of a finally failed job whose video id is known, with the stage timings
+    the pipeline gathered before the failure (``error.timings_s``) when there are any. Only while the job
+    holds the video's claim or can take it: a job that gave up waiting for another job of the same video
+    leaves the document to that one (one writer per video, :mod:`worker.jobs.claim`). Redis errors
+    propagate (the caller retries)."""
+    try:
+        args = parse_payload(job.data)
+    except InvalidJobError:
+        return
+    ticket = job.ticket if isinstance(job, TagJob) else None
+    if runtime.claims is not None and ticket is not None and not runtime.claims.may_write(ticket, args.video_id):
+        log.info("not writing a failed document for %s: another job holds the video", args.video_id)
+        return
+    runtime.sink.write(failed_document(args.video_id, error, model_version=model_version))

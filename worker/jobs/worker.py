@@ -26,8 +26,10 @@ Observability: rq's worker state is ``busy`` while a job is in flight, else ``id
 lock with the in-flight count. The loop beats :attr:`TagWorker.liveness` every iteration (``/healthz``).
 Logs in a job's thread carry its ``job_id`` and ``video_id`` (:func:`worker.logs.log_context`).
 
+Any job id: one video runs once at a time through its claim (:mod:`worker.jobs.claim`), renewed by the
+heartbeat and released when the job's thread ends; only the claim holder writes the video's document.
 At-least-once: a worker paused longer than the heartbeat TTL may see its job re-run elsewhere and still
-finish it; result writes are idempotent (one key; ``tagstream:tagged`` may get a second event).
+finish it (its claim lapsed too); result writes are idempotent (one key; maybe a second event).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 
 from worker.config import Settings
-from worker.engine.document import failed_document
 from worker.errors import InvalidJobError, ShutdownError, TagstreamError, reason_of
+from worker.jobs.claim import ClaimTicket, VideoClaims
 from worker.jobs.heartbeat import Heartbeat
 from worker.jobs.liveness import Liveness
 from worker.jobs.maintenance import maintain_queue
@@ -66,11 +68,11 @@ from worker.jobs.task import (
     JobRuntime,
     TagJob,
     VideoSubmitter,
-    parse_payload,
     refusal_of,
     video_id_of,
+    write_failed_document,
 )
-from worker.keys import first_seen_key, job_id_for
+from worker.keys import first_seen_key
 from worker.logs import log_context
 from worker.metrics import Metrics
 
@@ -140,9 +142,11 @@ class TagWorker(BaseWorker):
         self.redis_status = RedisStatus(metrics)
         self.jobs_started = 0
         self.sink = ResultSink(connection, settings, give_up=self.give_up, status=self.redis_status)
-        self.runtime = JobRuntime(settings=settings, pipeline=pipeline, sink=self.sink)
+        self.claims = VideoClaims(connection, settings.heartbeat_ttl_s)
+        self.runtime = JobRuntime(settings=settings, pipeline=pipeline, sink=self.sink, claims=self.claims)
         self._heart = Heartbeat(self, interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
-                                queue_name=queue.name, status=self.redis_status, metrics=metrics, after_beat=self._sync_state)
+                                queue_name=queue.name, status=self.redis_status, metrics=metrics, after_beat=self._sync_state,
+                                claims=self.claims)  # fmt: skip
 
     # --- small helpers ---------------------------------------------------------------------------
     @property
@@ -257,7 +261,7 @@ class TagWorker(BaseWorker):
             super(TagWorker, self).handle_job_success(job, queue, started_job_registry, execution)
 
         self._retry(attempt, f"finishing job {job.id}")
-        self._count("tagged")
+        self._count("reused" if isinstance(job, TagJob) and job.ticket and job.ticket.reused else "tagged")
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry | None = None,
                            exc_string: str = "", execution: Execution | None = None) -> None:
@@ -285,15 +289,8 @@ class TagWorker(BaseWorker):
         return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def _write_failed(self, job: Job, error: BaseException) -> None:
-        """Failed document for a job whose video id is known and matches its job id, with the stage
-        timings the pipeline gathered before the failure (``error.timings_s``) when there are any."""
-        try:
-            args = parse_payload(job.data)
-        except InvalidJobError:
-            return
-        if job.id != job_id_for(args.video_id):
-            return
-        self.sink.write(failed_document(args.video_id, error, model_version=self.model_version))
+        """:func:`worker.jobs.task.write_failed_document` (only the video's claim holder writes)."""
+        self._retry(lambda: write_failed_document(self.runtime, job, error, self.model_version), f"failing {job.id}")
 
     def hand_back(self, job: Job, queue: Queue, execution: Execution) -> None:
         """Return an unfinished job to the front of its queue without spending a retry."""
@@ -332,7 +329,9 @@ class TagWorker(BaseWorker):
 
     def _run_job_in_context(self, job: TagJob, queue: Queue, execution: Execution) -> None:
         enqueued = job.enqueued_at.timestamp() if job.enqueued_at else None
-        job.bind(self.runtime, JobContext(enqueued_at=enqueued, deadline=time.monotonic() + self.settings.job_timeout_s))
+        ticket = ClaimTicket(job.id)
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        job.bind(self.runtime, JobContext(enqueued_at=enqueued, deadline=deadline, ticket=ticket))
         try:
             refusal = refusal_of(job)
             if refusal is not None:
@@ -345,6 +344,7 @@ class TagWorker(BaseWorker):
             log.exception("job %s could not be finalised; left for orphan recovery", job.id)
             self.executions.pop(execution.id, None)
         finally:
+            self.claims.release_quietly(ticket)  # after the document and rq's bookkeeping
             with self._lock:
                 self._threads.discard(threading.current_thread())
             self._execution_ended()

@@ -13,6 +13,11 @@ Interpretations:
 * Persistence: AOF on is OK; AOF off with an RDB ``save`` schedule is OK (a crash loses the writes since
   the last snapshot; the detail says so); neither is WARN (a restart loses the queue, the jobs and the
   results). When CONFIG GET is refused and AOF is off, the schedule is unknown: WARN saying so.
+* Sentinel (a ``redis+sentinel://`` URL): the ``redis`` line says the master was reached through
+  Sentinel and at which address; ``redis-sentinel`` gives each sentinel's view (``SENTINEL MASTER``: the
+  address it holds for the master, its flags, replicas, other sentinels, quorum). OK when every sentinel
+  answers and they agree on the address; WARN when one is unreachable, they disagree, or the master has no
+  replica (a failover then has nothing to promote); FAIL when none answers.
 * The queue list (``rq:queue:<queue>``) and the intake stream (``tagstream:uploads``) are information:
   absent is OK (the first job or worker creates them); a key of another type is FAIL for the queue (rq
   cannot use it) and WARN for the stream (only the bridge from the stream stops).
@@ -27,6 +32,7 @@ from typing import Any
 import redis
 
 from worker.config import Settings
+from worker.jobs.connection import redis_address, redis_from_url, sentinel_pool
 from worker.jobs.queue_metrics import queue_key
 from worker.keys import UPLOADS_GROUP, UPLOADS_STREAM
 from worker.service.doctor_checks import Check, error_text, fail, ok, plural, warn
@@ -38,15 +44,15 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password (the part after ``user:`` before ``@``) replaced by ``***``."""
-    return re.sub(r"^([a-z]+://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """``url`` with the password (the part after ``user:`` before ``@``) and a ``sentinel_password`` query
+    value replaced by ``***``."""
+    url = re.sub(r"^([a-z+]+://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"([?&]sentinel_password=)[^&]*", r"\1***", url)
 
 
 def connect(url: str) -> redis.Redis:
     """A client with short timeouts, so an unreachable server fails the check quickly."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S
-    )
+    return redis_from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S)
 
 
 def _text(value: object) -> str:
@@ -67,6 +73,11 @@ def check_server(connection: redis.Redis, url: str) -> tuple[Check, dict[str, An
     version = _text(info.get("redis_version", "?"))
     mode = _text(info.get("redis_mode", "standalone"))
     detail = f"Redis {version} ({mode}) at {shown}"
+    pool = sentinel_pool(connection)
+    if pool is not None:
+        host, port = pool.get_master_address()
+        detail = (f"Redis {version} ({mode}), master {pool.service_name!r} at {host}:{port} reached through "
+                  f"Sentinel ({redis_address(connection).split(' via sentinels ')[1]})")  # fmt: skip
     if _version_tuple(version) < MIN_REDIS:
         return fail(
             "redis", f"{detail}: rq needs Redis {MIN_REDIS[0]}.{MIN_REDIS[1]} or newer (BLMOVE)"
@@ -74,6 +85,50 @@ def check_server(connection: redis.Redis, url: str) -> tuple[Check, dict[str, An
     if mode == "cluster":
         return warn("redis", f"{detail}: rq does not support Redis Cluster"), info
     return ok("redis", detail), info
+
+
+def _sentinel_view(client: redis.Redis, name: str) -> dict[str, Any]:
+    """``SENTINEL MASTER name`` from one sentinel, as text."""
+    raw = client.execute_command("SENTINEL MASTER", name)
+    if isinstance(raw, dict):
+        return {_text(k): _text(v) for k, v in raw.items()}
+    return {_text(k): _text(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
+
+
+def check_sentinels(connection: redis.Redis) -> Check | None:
+    """``redis-sentinel``: each sentinel's view of the master (see the module docstring); None when the
+    client is not a Sentinel one."""
+    pool = sentinel_pool(connection)
+    if pool is None:
+        return None
+    name = pool.service_name
+    views: list[str] = []
+    addresses: set[str] = set()
+    answered = problems = 0
+    replicas = 0
+    for client in pool.sentinel_manager.sentinels:
+        kw = client.connection_pool.connection_kwargs
+        where = f"{kw.get('host')}:{kw.get('port')}"
+        try:
+            view = _sentinel_view(client, name)
+        except (redis.RedisError, OSError) as exc:
+            problems += 1
+            views.append(f"{where}: unreachable ({error_text(exc)})")
+            continue
+        answered += 1
+        address = f"{view.get('ip')}:{view.get('port')}"
+        addresses.add(address)
+        replicas = max(replicas, int(view.get("num-slaves", 0) or 0))
+        views.append(f"{where}: master at {address}, flags {view.get('flags')}, {view.get('num-slaves')} replica(s), "
+                     f"{view.get('num-other-sentinels')} other sentinel(s), quorum {view.get('quorum')}")  # fmt: skip
+    text = "; ".join(views)
+    if answered == 0:
+        return fail("redis-sentinel", f"no sentinel answers for master {name!r}: {text}")
+    if problems or len(addresses) > 1:
+        return warn("redis-sentinel", f"sentinels disagree or are missing: {text}")
+    if replicas == 0:
+        return warn("redis-sentinel", f"master {name!r} has no replica, a failover has nothing to promote: {text}")
+    return ok("redis-sentinel", text)
 
 
 def check_maxmemory_policy(info: dict[str, Any]) -> Check:
@@ -169,8 +224,10 @@ def redis_checks(
     server, info = check_server(connection, settings.redis_url)
     if info is None:
         return [server]
+    sentinels = check_sentinels(connection)
     checks = [
         server,
+        *([sentinels] if sentinels is not None else []),
         check_maxmemory_policy(info),
         check_persistence(info, _config(connection, "save"), _config(connection, "appendfsync")),
     ]

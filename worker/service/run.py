@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import redis
-
 from worker.cli_errors import UsageError
 from worker.config import Settings, add_settings_arguments, settings_from_args
-from worker.jobs.connection import connect, redis_address, redis_client
+from worker.jobs.connection import connect, redis_address, redis_client, redis_from_url
 from worker.jobs.liveness import Liveness
 from worker.jobs.uploads import UploadsBridge
 from worker.jobs.worker import TagWorker
@@ -144,7 +142,7 @@ def run_worker(
         pipeline = Pipeline(settings, models, metrics)
         pipeline.start()
         state.models_loaded = True
-        connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        connection = redis_from_url(settings.redis_url, health_check_interval=30)
         worker = TagWorker(
             settings, connection, pipeline, model_version=str(models.model_version), metrics=metrics, name=name,
             liveness=liveness,
@@ -157,7 +155,7 @@ def run_worker(
         stop_bridge = threading.Event()
         bridge_thread = None
         if bridge:
-            uploads = UploadsBridge(connection, settings, consumer=worker.name)
+            uploads = UploadsBridge(connection, settings, consumer=worker.name, metrics=metrics)
             bridge_thread = threading.Thread(target=uploads.run, args=(stop_bridge,), name="uploads-bridge", daemon=True)
             bridge_thread.start()
         try:
