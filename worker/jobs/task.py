@@ -219,9 +219,6 @@ def refusal_of(job: TagJob) -> InvalidJobError | None:
         return exc
     if job._success_callback_name or job._failure_callback_name or job._stopped_callback_name:
         return InvalidJobError("tag jobs take no callbacks")
-    from worker.keys import job_id_for
-    if job.id != job_id_for(parse_payload(job.data).video_id):
-        return InvalidJobError('job id does not match video id')
     return None
 
 
