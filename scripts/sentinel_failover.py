@@ -18,6 +18,8 @@
    (``submit`` is idempotent: job id ``tag-<video_id>``). Waits until everything is tagged and checks
    the chaos soak's invariants (one tagged result per video, nothing stuck, nothing stray).
 
+``--cost`` measures Redis commands and bytes per tagged video instead (:func:`redis_cost`).
+
 Also measured, on the same group before the run: the latency of a result-sized SET alone and followed
 by ``WAIT 1 <timeout>`` (``--wait-samples``).
 
@@ -29,6 +31,7 @@ Example (the RELIABILITY.md run)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -46,6 +49,7 @@ from worker.config import Settings  # noqa: E402
 from worker.jobs.connection import redis_from_url  # noqa: E402
 from worker.jobs.enqueue import enqueue_video  # noqa: E402
 from worker.jobs.redis_retry import REDIS_ERRORS  # noqa: E402
+from worker.keys import result_key  # noqa: E402
 from worker.tools.local_redis import free_port  # noqa: E402
 
 log = logging.getLogger("failover")
@@ -197,6 +201,59 @@ def run_failover(args: argparse.Namespace) -> dict[str, Any]:
         group.stop()
 
 
+def redis_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Redis commands and bytes per tagged video: one worker against a private ``redis-server``; the
+    statistics are reset (``CONFIG RESETSTAT``) once the worker is ready, then ``--videos`` videos are
+    enqueued and tagged; INFO commandstats and ``total_net_input_bytes``/``total_net_output_bytes`` are
+    read when the last job finished. Includes the producer's enqueue, the worker's polling, heartbeats
+    and maintenance during the run, and this script's polling for completion (one pipelined HGET per
+    video each 0.5 s, counted apart as ``poll_commands`` and subtracted)."""
+    from worker.tools.local_redis import LocalRedis
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tagstream-cost-"))
+    files = lib.make_media(workdir / "media", args.files)
+    server = LocalRedis(data_dir=workdir).start()
+    conn = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, allowed_roots=[str((workdir / "media").resolve())], device="cpu",
+                        concurrency=args.concurrency, decode_threads=1, metrics_port=free_port())  # fmt: skip
+    worker = lib.spawn_worker(args.worker_kind, settings, "cost-w0", workdir / "logs", delay_s=args.decode_delay_s)
+    try:
+        lib.wait_ready([worker], 600)
+        video_ids = [f"cost-{i:05d}" for i in range(args.videos)]
+        conn.config_resetstat()
+        start = time.monotonic()
+        for i, vid in enumerate(video_ids):
+            enqueue_video(conn, vid, str(files[i % len(files)]), f"cost clip {i}", settings)
+        polls = 0
+
+        def done() -> bool:
+            nonlocal polls
+            polls += 1
+            return all(s == "finished" for s in lib.job_statuses(conn, video_ids).values())
+
+        lib.wait_until(done, args.timeout_s, 0.5)
+        elapsed = time.monotonic() - start
+        stats = conn.info("commandstats")
+        net = conn.info("stats")
+        doc_bytes = [conn.strlen(result_key(v)) for v in video_ids[:20]]
+    finally:
+        worker.kill()
+        server.stop()
+    poll_commands = polls * args.videos
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    calls["hget"] = calls.get("hget", 0) - poll_commands
+    total = sum(calls.values())
+    n = args.videos
+    return {
+        "videos": n, "seconds": round(elapsed, 1), "commands_per_video": round(total / n, 1),
+        "top_commands_per_video": {k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:12]},
+        "net_input_bytes_per_video": round(int(net["total_net_input_bytes"]) / n),
+        "net_output_bytes_per_video": round(int(net["total_net_output_bytes"]) / n),
+        "result_document_bytes_median": sorted(doc_bytes)[len(doc_bytes) // 2], "poll_commands": poll_commands,
+        "note": "net bytes include this script's completion polling (small HGET replies)",
+    }  # fmt: skip
+
+
 def summary(r: dict[str, Any]) -> str:
     lost, v, w = r["lost_at_failover"], r["verify"], r["wait_latency"]
     return "\n".join([
@@ -237,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cost", action="store_true", help="measure Redis commands and bytes per video instead")
     return p
 
 
@@ -244,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     lib.exit_on_sigterm()
+    if args.cost:
+        return lib.report_and_exit_status(redis_cost(args), args.json, lambda r: json.dumps(r, indent=2))
     return lib.report_and_exit_status(run_failover(args), args.json, summary)
 
 

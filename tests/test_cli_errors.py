@@ -69,7 +69,7 @@ def test_enqueue_with_a_url_that_is_not_redis(dead_redis):
     r = tagstream("enqueue", "v1", "--redis-url", "notaurl", redis_url=dead_redis)
     line = one_line(r)
     assert r.code == 2 and r.stdout == ""
-    assert line == "tagstream: error: --redis-url 'notaurl': not a Redis URL (expected redis://, rediss:// or unix://)"
+    assert line == "tagstream: error: --redis-url 'notaurl': not a Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)"
 
 
 def test_a_bad_url_from_the_environment_is_named_so_and_its_password_hidden(dead_redis):

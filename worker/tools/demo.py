@@ -30,10 +30,10 @@ from typing import Any
 
 import av
 import numpy as np
-import redis
 
 from worker.config import add_settings_arguments, settings_from_args
 from worker.engine.models import load_models
+from worker.jobs.connection import redis_from_url
 from worker.jobs.enqueue import submit
 from worker.jobs.sink import read_result
 from worker.service.run import run_worker
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         roots = sorted({str(p.parent.resolve()) for p, _ in samples})
         settings = settings_from_args(args, burst=True, allowed_roots=roots, metrics_port=0, **overrides)
         models = load_models(settings)  # before enqueueing, so queue_wait does not include start-up
-        conn = redis.Redis.from_url(settings.redis_url)
+        conn = redis_from_url(settings.redis_url)
         titles: dict[str, str] = {}
         for path, title in samples:
             video_id = f"demo-{path.stem}{suffix}"
