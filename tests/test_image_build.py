@@ -177,7 +177,7 @@ def _in_context(path: str) -> bool:
         ("runs/iat/config.json", True),
         ("runs/iat/labels.txt", True),
         ("runs/iat/chars.json", True),
-        ("runs/exp/seed0/model.safetensors", True),
+        ("runs/exp/seed0/model.safetensors", False),  # runs/NAME only: runs/exp/seed0 is an excluded folder
         ("runs/iat/train_state.pt", False),
         ("runs/iat/history.json", False),
         ("runs/iat/learning_curves.png", False),
@@ -193,6 +193,20 @@ def _in_context(path: str) -> bool:
 )
 def test_dockerignore(path, sent):
     assert _in_context(path) is sent
+
+
+def test_dockerignore_exceptions_are_not_inside_excluded_folders():
+    """buildah (1.28) never looks inside an excluded folder, so a file let back in with ``!`` must not lie
+    in one: ``runs/*/*`` and not ``runs``, or ``--build-arg WEIGHTS_DIR=runs/NAME`` finds nothing to copy."""
+    exceptions = [line.strip()[1:] for line in (ROOT / ".dockerignore").read_text().splitlines()
+                  if line.strip().startswith("!")]
+    assert exceptions
+    for pattern in exceptions:
+        example = pattern.replace("**", "x").replace("*", "x")
+        assert _in_context(example), pattern
+        parts = example.split("/")
+        for i in range(1, len(parts)):
+            assert _in_context("/".join(parts[:i])), f"{pattern}: its folder {'/'.join(parts[:i])} is excluded"
 
 
 def test_dockerignore_matcher_follows_docker_rules():
