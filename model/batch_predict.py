@@ -66,7 +66,7 @@ import numpy as np
 
 from model.checkpoint import CheckpointMismatchError, LoadedCheckpoint, check_extractors, load_checkpoint
 from model.errors import InputError
-from model.feature_store import STORE, FeatureSource
+from model.feature_store import STORE, FeatureSource, read_jsonl
 from model.features import VideoFeatures
 from model.mvt_data import FEATURE_DIR, open_source
 from model.predict import Prediction, Tagger, resolve_device, select
@@ -163,28 +163,15 @@ def mvt_entry(probs: np.ndarray, ckpt: LoadedCheckpoint, video_id: str, *, top_k
 
 
 def read_done(path: Path, model_version: str) -> dict[str, dict]:
-    """``video_id -> line`` of the complete lines of the JSON Lines file ``path`` (absent: empty).
-    A torn last line is ignored; a line written by another model version is an
-    :class:`OutputMismatchError`."""
+    """``video_id -> line`` of the complete lines of the JSON Lines file ``path`` (absent: empty), read as
+    :func:`model.feature_store.read_jsonl` reads (a torn last line ignored); a line written by another model
+    version is an :class:`OutputMismatchError`."""
     done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    with path.open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                log.warning("%s: ignoring a torn last line (%d)", path, n)
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: ignoring malformed line %d", path, n)
-                continue
-            if row.get("model_version") != model_version:
-                raise OutputMismatchError(f"{path}:{n} was written by model {row.get('model_version')!r}, not "
-                                 f"{model_version!r}; choose another --out or pass --restart")
-            done.setdefault(row["video_id"], row)
+    for row in read_jsonl(path):
+        if row.get("model_version") != model_version:
+            raise OutputMismatchError(f"{path} holds results of model {row.get('model_version')!r}, not "
+                                      f"{model_version!r}; choose another --out or pass --restart")
+        done.setdefault(row["video_id"], row)
     return done
 
 

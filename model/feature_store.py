@@ -73,7 +73,9 @@ def _file_name(video_id: str) -> str:
     return f"{_UNSAFE.sub('_', video_id)[:80]}-{digest}.safetensors"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of the JSON Lines file ``path`` (absent: none). A torn last line (a crash mid-write) and
+    malformed lines are skipped with a warning: the files are appended to by resumable runs."""
     rows: list[dict] = []
     if not path.is_file():
         return rows
@@ -134,8 +136,8 @@ class FeatureStoreWriter:
         if labels is not None:
             label_set = labels if isinstance(labels, LabelSet) else LabelSet(labels)
             label_set.to_file(self.root / LABELS)
-        self._done = {row["video_id"] for row in _read_jsonl(self.root / MANIFEST)}
-        self._failed = set() if retry_failed else {r["video_id"] for r in _read_jsonl(self.root / FAILED)}
+        self._done = {row["video_id"] for row in read_jsonl(self.root / MANIFEST)}
+        self._failed = set() if retry_failed else {r["video_id"] for r in read_jsonl(self.root / FAILED)}
         self._lock = threading.Lock()
         self._manifest = self._open_append(self.root / MANIFEST)
         self._failures = self._open_append(self.root / FAILED)
@@ -220,9 +222,9 @@ class FeatureStore:
         meta = json.loads((self.root / STORE).read_text("utf-8"))
         self.extractors: dict[str, dict] = meta.get("extractors", {})
         self.sampling: dict = meta.get("sampling", {})
-        rows = _read_jsonl(self.root / MANIFEST)
+        rows = read_jsonl(self.root / MANIFEST)
         self.records: dict[str, dict] = {row["video_id"]: row for row in rows}
-        self.failures = _read_jsonl(self.root / FAILED)
+        self.failures = read_jsonl(self.root / FAILED)
         if (self.root / LABELS).is_file():
             self.labels = LabelSet.from_file(self.root / LABELS)
         else:
