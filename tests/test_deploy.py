@@ -547,7 +547,7 @@ def test_dockerfile_essentials():
     assert re.search(r"^ARG WEIGHTS_DIR=", instructions, re.M)
     ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
     # dependencies from the runtime lock, hashes checked, before the sources are copied; the project without deps
-    assert re.search(r"^COPY requirements/runtime-py\*\.txt", instructions, re.M)
+    assert re.search(r"^COPY requirements/requirements-runtime-py\*\.txt", instructions, re.M)
     assert "pip install --require-hashes -r" in instructions and "pip install --no-deps" in instructions
     assert instructions.index("--require-hashes") < instructions.index("COPY worker")
     for needed in ("worker", "model", "pyproject.toml", "README.md", "deploy/docker-entrypoint.sh", "deploy/weights",

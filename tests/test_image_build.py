@@ -67,7 +67,7 @@ def test_dependency_layer_depends_on_the_lock_alone():
     lock_step = next(i for i, (word, rest) in enumerate(build) if word == "RUN" and "--require-hashes" in rest)
     assert "pip install --require-hashes -r" in build[lock_step][1]
     copies_before = [rest for word, rest in build[:lock_step] if word in ("COPY", "ADD")]
-    assert copies_before == ["requirements/runtime-py*.txt requirements/"]
+    assert copies_before == ["requirements/requirements-runtime-py*.txt requirements/"]
     assert not any(word == "ARG" for word, _ in build[:lock_step])  # no build arg can change it either
     # nothing after it touches the venv (the project goes to /staging, pip writes no .pyc of its own): the
     # final image's copy of /opt/venv is the dependency layer too
@@ -164,7 +164,7 @@ def _in_context(path: str) -> bool:
 @pytest.mark.parametrize(
     "path, sent",
     [
-        ("requirements/runtime-py3.11.txt", True),
+        ("requirements/requirements-runtime-py3.11.txt", True),
         ("pyproject.toml", True),
         ("README.md", True),
         ("worker/cli.py", True),

@@ -18,21 +18,21 @@ PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 @pytest.mark.parametrize("kind", ["dev", "runtime"])
 def test_lock_files_exist_for_this_python(kind):
-    lock = read_lock(ROOT / "requirements" / f"{kind}-py{PY}.txt")
+    lock = read_lock(ROOT / "requirements" / f"requirements-{kind}-py{PY}.txt")
     assert {"torch", "torchaudio", "torchvision", "av", "rq", "redis", "transformers"} <= set(lock)
     assert lock["torchaudio"] == lock["torch"], "torchaudio must be torch's own release"
 
 
 def test_runtime_lock_is_the_dev_lock_s_subset():
     """The image (runtime lock) runs the versions the test suite ran (dev lock)."""
-    runtime = read_lock(ROOT / "requirements" / f"runtime-py{PY}.txt")
-    dev = read_lock(ROOT / "requirements" / f"dev-py{PY}.txt")
+    runtime = read_lock(ROOT / "requirements" / f"requirements-runtime-py{PY}.txt")
+    dev = read_lock(ROOT / "requirements" / f"requirements-dev-py{PY}.txt")
     assert {name: dev.get(name) for name in runtime} == runtime
 
 
 def test_venv_matches_the_lock():
     """scripts/setup_env.sh installed exactly the dev lock; a version changed by hand in the venv fails here."""
-    assert installed_lock_mismatches(read_lock(ROOT / "requirements" / f"dev-py{PY}.txt")) == []
+    assert installed_lock_mismatches(read_lock(ROOT / "requirements" / f"requirements-dev-py{PY}.txt")) == []
 
 
 def test_pip_check_is_clean():

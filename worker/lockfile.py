@@ -34,9 +34,9 @@ def read_lock(path: Path) -> dict[str, str]:
 
 
 def default_lock(kind: str = "runtime") -> Path:
-    """``requirements/<kind>-pyX.Y.txt`` beside the package sources, for this interpreter (it may not exist:
-    an installed wheel carries no lock)."""
-    return REQUIREMENTS_DIR / f"{kind}-py{sys.version_info[0]}.{sys.version_info[1]}.txt"
+    """``requirements/requirements-<kind>-pyX.Y.txt`` beside the package sources, for this interpreter (it
+    may not exist: an installed wheel carries no lock)."""
+    return REQUIREMENTS_DIR / f"requirements-{kind}-py{sys.version_info[0]}.{sys.version_info[1]}.txt"
 
 
 @dataclass(frozen=True)

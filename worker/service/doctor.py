@@ -347,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="lock file to compare installed versions with (default: $TAGSTREAM_LOCK_FILE, else "
-        "requirements/runtime-pyX.Y.txt of the checkout)",
+        "requirements/requirements-runtime-pyX.Y.txt of the checkout)",
     )
     add_settings_arguments(parser, SETTINGS)
 

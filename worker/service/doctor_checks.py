@@ -10,7 +10,7 @@ Interpretations:
   with ``undefined symbol``) and be torch's own release (same version without the local label): FAIL.
 * The lock: every ``name==version`` pin must be installed at exactly that version (FAIL naming each
   difference). Which lock: ``--lock FILE``, else ``TAGSTREAM_LOCK_FILE`` (the container image sets it),
-  else ``requirements/runtime-pyX.Y.txt`` beside the package sources (a checkout). The environment
+  else ``requirements/requirements-runtime-pyX.Y.txt`` beside the package sources (a checkout). The environment
   variable is taken before the checkout's file because it is the more deliberate statement of which
   lock this environment was built from. An explicitly named file that does not exist is FAIL (the
   operator asked for a comparison that cannot be made); no lock found at all is WARN (an installed wheel
