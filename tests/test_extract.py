@@ -108,3 +108,13 @@ def test_predict_extracts_a_folder_of_videos_then_tags_it(data_dir, tmp_path, ca
     assert FeatureStore(tmp_path / "tags.jsonl.features").splits() == {"train": 4, "val": 1, "test": 1}
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
+
+
+def test_class_txt_is_read_as_multimodalvideotag_reads_it(tmp_path):
+    """Index columns, a blank line and an alias map to the indices MVT's reader gives them."""
+    from worker.tools.extract import read_labels
+
+    (tmp_path / "class.txt").write_text("动物-猫\t1\n动物-狗\t0\n\n动物-小猫\t1\n", encoding="utf-8")
+    labels = read_labels(tmp_path, [])
+    assert labels.labels == ["动物-狗", "动物-小猫"]
+    assert labels.aliases == {"动物-猫": 1}

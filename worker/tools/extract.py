@@ -27,6 +27,7 @@ from pathlib import Path
 
 from model.feature_store import FeatureStoreWriter
 from model.features import VideoFeatures
+from model.labels import LabelSet
 from model.progress import Progress
 from worker.config import Settings, add_settings_arguments, settings_from_args
 from worker.engine.models import load_models
@@ -80,12 +81,13 @@ def read_split(data_dir: Path, split: str) -> list[Row]:
     return rows
 
 
-def read_labels(data_dir: Path, rows: list[Row]) -> list[str]:
-    """``class.txt`` when present, else the sorted labels seen in the TSVs."""
+def read_labels(data_dir: Path, rows: list[Row]) -> LabelSet:
+    """``class.txt`` when present, read as MultimodalVideoTag reads it (:meth:`model.labels.LabelSet.from_file`:
+    line numbers or ``name\tindex`` columns, blank lines, aliases), else the sorted labels seen in the TSVs."""
     class_txt = data_dir / "class.txt"
     if class_txt.is_file():
-        return [x.strip() for x in class_txt.read_text("utf-8").splitlines() if x.strip()]
-    return sorted({label for row in rows for label in row.labels})
+        return LabelSet.from_file(class_txt)
+    return LabelSet(sorted({label for row in rows for label in row.labels}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
