@@ -11,11 +11,11 @@ Output (MultimodalVideoTag's layout, paths relative to OUT_DIR)::
     truth.jsonl              per video: recorded labels, the labels its content was made from, the title
                              kind, the audio mode, the photos used (for analysis only; no reader needs it)
     ceiling.json             per split: the best Hit@1 any model could expect, with and without titles
-                             (:func:`bayes_ceiling`; ``tagstream dataset synth`` also prints it)
+                             (:func:`model.synth_ceiling.bayes_ceiling`; ``tagstream dataset synth`` also prints it)
 
 Class design (the point of the set: every modality carries part of the answer, none all of it)
 -------------------------------------------------------------------------------------------------
-Eight level-1 groups, 29 Chinese "level1-level2" labels (:data:`GROUPS`). The downstream extractors
+Eight level-1 groups, 29 Chinese "level1-level2" labels (:data:`model.synth_spec.GROUPS`). The downstream extractors
 are an ImageNet CNN on 224x224 centre crops at 1 frame/s, log-mel statistics (or VGGish) per 0.96 s of
 audio, and a character-level embedding of the title; the content is built for exactly those.
 
@@ -25,24 +25,24 @@ audio, and a character-level embedding of the title; the content is built for ex
   IHC and cell micrographs, brick/gravel/coins/clock, colour charts, a chessboard, a logo, text). A
   video shows one of its group's photos with a per-video random zoom-and-pan (Ken Burns), flip, colour
   jitter (greyscale photos are tinted), a static noise grain and 0-3 moving coloured shapes. Each
-  level-2 label prefers one photo of its pool (p = :data:`P_PREFERRED`), so the image says a little
+  level-2 label prefers one photo of its pool (p = :data:`model.synth_spec.P_PREFERRED`), so the image says a little
   about level-2, but the pool is shared by the siblings. Confusion between groups: in
-  :data:`P_CARD` of videos the photo is a card pasted on a brick/gravel/grass texture (the textures are
-  the 家居 group's photos), and in :data:`P_CONFUSER` of videos the photo comes from another group.
+  :data:`model.synth_spec.P_CARD` of videos the photo is a card pasted on a brick/gravel/grass texture (the textures are
+  the 家居 group's photos), and in :data:`model.synth_spec.P_CONFUSER` of videos the photo comes from another group.
 * Sound partly separates level-2 labels inside a group. Each label has a signature: one of four kinds
   (steady harmonic tone, beeps at 2-6 Hz, repeated up-chirps, amplitude-modulated noise band) at one of
   four centre frequencies (300, 700, 1600, 3600 Hz, jittered x exp(N(0, 0.25))); siblings differ in
   both kind and centre, groups reuse the 16 combinations in other orders, so audio alone does not give
   the group. Every video has coloured background noise (white/pink/brown) and sometimes unrelated
-  "music" (random chords). The signature is the label's in :data:`AUDIO_MODES` "label" cases, a random
+  "music" (random chords). The signature is the label's in :data:`model.synth_spec.AUDIO_MODES` "label" cases, a random
   sibling's in "sibling" cases (misleading) and absent in "none" cases: audio is ambiguous by design.
 * Title words separate level-2 further. Chinese titles are composed from the label's three keywords,
-  the group's two words and twenty shared fillers (:data:`TITLE_KINDS`): "label" (a keyword of the
+  the group's two words and twenty shared fillers (:data:`model.synth_spec.TITLE_KINDS`): "label" (a keyword of the
   label), "group" (only the group's words), "sibling" (a sibling's keyword: misleading), "filler" (no
   signal) and "empty".
-* Label noise: in :data:`P_LABEL_NOISE` of videos the recorded label is replaced by another label (a
+* Label noise: in :data:`model.synth_spec.P_LABEL_NOISE` of videos the recorded label is replaced by another label (a
   sibling half of the time) while the content keeps the original one.
-* Multi-label: :data:`P_MULTI` of videos carry two labels, two thirds of them siblings (both sound
+* Multi-label: :data:`model.synth_spec.P_MULTI` of videos carry two labels, two thirds of them siblings (both sound
   signatures, one after the other, title may name both) and one third from two groups (two scenes, each
   with its own photo and sound: the attention weights should find the segments).
 
@@ -55,7 +55,7 @@ groups wrong, audio = 64 log-mel band means + stds, title = char 1-2-gram tf-idf
 one-layer MLP) gave test Hit@1: image 0.26, audio 0.15-0.17, title 0.55-0.60, image+audio 0.46,
 image+audio+title 0.59-0.63.
 
-Bayes ceiling: because the generator knows every probability it samples from, :func:`bayes_ceiling`
+Bayes ceiling: because the generator knows every probability it samples from, :func:`model.synth_ceiling.bayes_ceiling`
 computes each video's exact posterior of its recorded labels given what it shows (photos, sound
 signatures, title words), hence the best single guess and its expected Hit@1. That is an upper bound on
 what any model can reach on a split (derivation and assumptions in its docstring); on seed 1, 2,000
@@ -76,7 +76,7 @@ import json
 import logging
 import multiprocessing
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
@@ -84,459 +84,12 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model import synth_spec
 from model.progress import Progress
+from model.synth_ceiling import CEILING_FILE, format_ceiling, read_ceiling, split_ceilings, split_specs
+from model.synth_spec import GROUPS, SPLITS, VERSION, VideoSpec, labels, sound_signature
 
 log = logging.getLogger(__name__)
-
-VERSION = 2
-SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
-
-# group, its photos, its title words, [(level-2 tag, its keywords, its preferred photo)]
-GROUPS: list[tuple[str, list[str], list[str], list[tuple[str, list[str], str]]]] = [
-    ("动物", ["cat", "horse"], ["动物", "小动物"], [
-        ("猫", ["猫咪", "喵星人", "橘猫"], "cat"),
-        ("马", ["骏马", "马术", "赛马"], "horse"),
-        ("萌宠", ["萌宠", "宠物", "铲屎官"], "cat"),
-        ("野生", ["野生", "大草原", "野外"], "horse")]),
-    ("美食", ["coffee"], ["美食", "吃货"], [
-        ("咖啡", ["咖啡", "拿铁", "手冲"], "coffee"),
-        ("甜点", ["甜点", "蛋糕", "甜品"], "coffee"),
-        ("探店", ["探店", "打卡", "网红店"], "coffee"),
-        ("早餐", ["早餐", "早饭", "元气"], "coffee")]),
-    ("拍人", ["astronaut", "camera", "faces"], ["拍人", "人像"], [
-        ("帅哥", ["帅哥", "小哥哥", "男神"], "camera"),
-        ("美女", ["美女", "小姐姐", "女神"], "astronaut"),
-        ("秀特效", ["特效", "变装", "魔法"], "faces"),
-        ("街拍", ["街拍", "路人", "抓拍"], "camera")]),
-    ("航天", ["rocket", "moon", "hubble"], ["航天", "太空"], [
-        ("火箭", ["火箭", "发射", "点火"], "rocket"),
-        ("星空", ["星空", "银河", "星系"], "hubble"),
-        ("月球", ["月球", "月亮", "登月"], "moon")]),
-    ("机车", ["moto_left", "moto_right"], ["机车", "摩旅"], [
-        ("摩托", ["摩托", "重机", "仿赛"], "moto_left"),
-        ("改装", ["改装", "排气", "轮毂"], "moto_right"),
-        ("骑行", ["骑行", "跑山", "兜风"], "moto_left")]),
-    ("医学", ["retina", "ihc", "cell", "microaneurysms"], ["医学", "科普"], [
-        ("眼科", ["眼科", "眼底", "视网膜"], "retina"),
-        ("病理", ["病理", "切片", "染色"], "ihc"),
-        ("显微镜", ["显微镜", "细胞", "放大"], "cell")]),
-    ("家居", ["brick", "gravel", "coins", "clock"], ["家居", "生活"], [
-        ("装修", ["装修", "砖墙", "翻新"], "brick"),
-        ("收藏", ["收藏", "硬币", "古钱"], "coins"),
-        ("园艺", ["园艺", "花园", "石子路"], "gravel"),
-        ("钟表", ["钟表", "时钟", "机芯"], "clock")]),
-    ("设计", ["color", "phantom", "chessboard", "logo", "text"], ["设计", "创意"], [
-        ("配色", ["配色", "色彩", "调色"], "color"),
-        ("字体", ["字体", "书法", "排版"], "text"),
-        ("标志", ["标志", "商标", "品牌"], "logo"),
-        ("棋盘", ["棋盘", "象棋", "格子"], "chessboard")]),
-]
-FILLERS = ["今天", "分享", "一下", "日常", "记录", "第一次", "终于", "超级", "真的", "太好看了", "哈哈哈",
-           "快来看", "小伙伴们", "周末", "随手拍", "合集", "推荐", "一起", "vlog", "治愈"]
-SEPARATORS = ["", "", "", "，", " ", "！", "｜"]
-TEXTURES = ["brick", "gravel", "grass"]
-
-P_PREFERRED = 0.4
-P_CARD = 0.3
-P_CONFUSER = 0.07
-P_LABEL_NOISE = 0.06
-P_MULTI = 0.12
-P_MUSIC = 0.3
-TITLE_KINDS = {"label": 0.58, "group": 0.08, "sibling": 0.10, "filler": 0.18, "empty": 0.06}
-AUDIO_MODES = {"label": 0.65, "sibling": 0.15, "none": 0.20}
-SOUND_KINDS = ["tone", "beeps", "chirp", "noiseband"]
-SOUND_CENTRES_HZ = [300.0, 700.0, 1600.0, 3600.0]
-SIZES = [(160, 120), (192, 144), (240, 180), (320, 240), (320, 180), (384, 216), (426, 240), (480, 270),
-         (180, 320), (144, 256), (270, 480), (200, 200), (240, 240), (300, 160), (352, 144)]
-FPS = [12, 15, 20, 24, 25, 30]
-AUDIO_RATES = [16000, 16000, 22050, 44100]
-
-
-def labels() -> list[str]:
-    """All "level1-level2" labels in class.txt order."""
-    return [f"{g}-{tag}" for g, _, _, tags in GROUPS for tag, _, _ in tags]
-
-
-def _label_info() -> dict[str, tuple[int, int]]:
-    return {f"{g}-{tag}": (gi, k) for gi, (g, _, _, tags) in enumerate(GROUPS) for k, (tag, _, _) in enumerate(tags)}
-
-
-def sound_signature(label: str) -> tuple[str, float]:
-    """(kind, centre Hz) of a label: siblings differ in both; groups use the combinations in other orders."""
-    gi, k = _label_info()[label]
-    return SOUND_KINDS[(k + gi) % 4], SOUND_CENTRES_HZ[(3 * k + gi) % 4]
-
-
-@dataclass
-class VideoSpec:
-    """Everything needed to render one video; drawn from the seed, never from the rendering."""
-
-    index: int
-    vid: str
-    labels: list[str]  # recorded (may carry label noise)
-    content: list[str]  # what the pictures and sounds were made from
-    title: str
-    title_kind: str
-    audio_mode: str
-    width: int
-    height: int
-    fps: int
-    n_frames: int
-    gop_s: int
-    audio_rate: int
-    channels: int
-    scenes: list[tuple[str, str, float, float]] = field(default_factory=list)  # photo, texture, t0, t1
-    sounds: list[tuple[str, float, float]] = field(default_factory=list)  # signature label, t0, t1
-    split: str = ""
-
-    @property
-    def duration(self) -> float:
-        return self.n_frames / self.fps
-
-
-def _pick(rng: np.random.Generator, probs: dict[str, float]) -> str:
-    keys = list(probs)
-    return keys[int(rng.choice(len(keys), p=np.array([probs[k] for k in keys]) / sum(probs.values())))]
-
-
-def _title(rng: np.random.Generator, kind: str, keywords: list[str], group_words: list[str]) -> str:
-    if kind == "empty":
-        return ""
-    tokens = [str(w) for w in rng.choice(FILLERS, size=int(rng.integers(1, 4)), replace=False)]
-    if kind in ("label", "sibling") or rng.random() < 0.3:
-        tokens += list(keywords)
-    if kind == "group" or (kind != "filler" and rng.random() < 0.5):
-        tokens.append(str(rng.choice(group_words)))
-    order = rng.permutation(len(tokens))
-    out = ""
-    for j in order:
-        out += (str(rng.choice(SEPARATORS)) if out else "") + tokens[j]
-    return out + str(rng.choice(["", "", "！", "~", "。"]))
-
-
-def make_spec(seed: int, index: int) -> VideoSpec:
-    """Draw video ``index`` of the set generated with ``seed`` (independent of N)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    all_labels = labels()
-    info = _label_info()
-    # Groups in shuffled blocks of len(GROUPS): any N >= 8 covers every group.
-    block = np.random.default_rng(np.random.SeedSequence([seed, 10**9 + index // len(GROUPS)]))
-    gi = int(block.permutation(len(GROUPS))[index % len(GROUPS)])
-    group, pool, group_words, tags = GROUPS[gi]
-    k = int(rng.integers(len(tags)))
-    content = [f"{group}-{tags[k][0]}"]
-    cross = False
-    if rng.random() < P_MULTI:
-        if rng.random() < 2 / 3:
-            content.append(f"{group}-{tags[int(rng.choice([j for j in range(len(tags)) if j != k]))][0]}")
-        else:
-            cross = True
-            content.append(str(rng.choice([lab for lab in all_labels if info[lab][0] != gi])))
-    recorded = list(content)
-    if rng.random() < P_LABEL_NOISE:
-        siblings = [f"{group}-{t}" for j, (t, _, _) in enumerate(tags) if j != k]
-        others = [lab for lab in all_labels if lab not in content]
-        recorded[0] = str(rng.choice(siblings if rng.random() < 0.5 else others))
-        recorded = list(dict.fromkeys(recorded))
-    title_kind = _pick(rng, TITLE_KINDS)
-    if title_kind == "label":
-        keywords = [str(rng.choice(GROUPS[info[lab][0]][3][info[lab][1]][1])) for lab in content
-                    if lab == content[0] or rng.random() < 0.6]
-    elif title_kind == "sibling":
-        j = int(rng.choice([j for j in range(len(tags)) if j != k]))
-        keywords = [str(rng.choice(tags[j][1]))]
-    else:
-        keywords = []
-    title = _title(rng, title_kind, keywords, group_words)
-    width, height = SIZES[int(rng.integers(len(SIZES)))]
-    fps = int(rng.choice(FPS))
-    n_frames = int(round(rng.uniform(3.0, 5.0) * fps))
-    duration = n_frames / fps
-    cut = duration * rng.uniform(0.35, 0.65) if cross else duration
-    scenes = []
-    for lab, t0, t1 in [(content[0], 0.0, cut)] + ([(content[1], cut, duration)] if cross else []):
-        lg, lk = info[lab]
-        lpool, preferred = GROUPS[lg][1], GROUPS[lg][3][lk][2]
-        photo = preferred if rng.random() < P_PREFERRED else str(rng.choice(lpool))
-        if rng.random() < P_CONFUSER:
-            photo = str(rng.choice([p for g in GROUPS if g[0] != GROUPS[lg][0] for p in g[1]]))
-        texture = str(rng.choice(TEXTURES)) if rng.random() < P_CARD else ""
-        scenes.append((photo, texture, t0, t1))
-    audio_mode = _pick(rng, AUDIO_MODES)
-    sounds: list[tuple[str, float, float]] = []
-    if audio_mode != "none":
-        heard = list(content)
-        if audio_mode == "sibling":
-            heard[0] = f"{group}-{tags[int(rng.choice([j for j in range(len(tags)) if j != k]))][0]}"
-        if len(heard) == 1:
-            sounds = [(heard[0], 0.0, duration)]
-        else:
-            mid = cut if cross else duration * rng.uniform(0.35, 0.65)
-            sounds = [(heard[0], 0.0, mid), (heard[1], mid, duration)]
-    return VideoSpec(index=index, vid=f"v{index:05d}", labels=recorded, content=content, title=title,
-                     title_kind=title_kind, audio_mode=audio_mode, width=width, height=height, fps=fps,
-                     n_frames=n_frames, gop_s=int(rng.choice([1, 2])),
-                     audio_rate=int(rng.choice(AUDIO_RATES)), channels=int(rng.choice([1, 2])),
-                     scenes=scenes, sounds=sounds)
-
-
-# ------------------------------------------------------------------------------------ Bayes ceiling
-
-CEILING_FILE = "ceiling.json"
-
-
-def title_mentions(title: str) -> tuple[frozenset[int], int]:
-    """What a title says about the labels: (indices of labels one of whose keywords it contains, index of
-    the group whose group word it contains, or -1). Fillers and separators carry no label information."""
-    mentioned = frozenset(i for i, lab in enumerate(labels())
-                          for word in _keywords()[lab] if word in title)
-    group = next((gi for gi, (_, _, words, _) in enumerate(GROUPS) if any(w in title for w in words)), -1)
-    return mentioned, group
-
-
-@cache
-def _keywords() -> dict[str, tuple[str, ...]]:
-    return {f"{g}-{tag}": tuple(kws) for g, _, _, tags in GROUPS for tag, kws, _ in tags}
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Everything about a video's labels that its rendered content and title can show (see
-    :func:`bayes_ceiling`): the photo of each scene and the sound signature of each sound segment, in
-    time order, and the title's mentions (None: the title is not used; ``()``: the title is empty)."""
-
-    photos: tuple[str, ...]
-    sounds: tuple[tuple[str, float], ...]
-    title: tuple[frozenset[int], int] | tuple[()] | None
-
-    @classmethod
-    def of(cls, spec: VideoSpec, use_title: bool = True) -> Evidence:
-        title: tuple[frozenset[int], int] | tuple[()] | None = None
-        if use_title:
-            title = title_mentions(spec.title) if spec.title else ()
-        return cls(photos=tuple(s[0] for s in spec.scenes),
-                   sounds=tuple(sound_signature(lab) for lab, _, _ in spec.sounds), title=title)
-
-
-class _Posterior:
-    """The generator's own model of a video (:func:`make_spec`), inverted by enumeration.
-
-    A hypothesis is the content ``(c0, c1)`` (``c1 = -1``: one label); its prior, the likelihood of each
-    piece of :class:`Evidence` given it, and ``P(label l is recorded | content)`` are read off
-    :func:`make_spec`'s sampling with the module's probabilities *at construction time* (tests change
-    them). Every other random choice of a video (size, fps, texture, grain, shapes, music, jitter,
-    fillers, separators, cut times) is drawn independently of the labels and cancels out.
-    """
-
-    def __init__(self) -> None:
-        self.labels = labels()
-        n = len(self.labels)
-        info = _label_info()
-        group = np.array([info[lab][0] for lab in self.labels])
-        n_tags = np.array([len(GROUPS[g][3]) for g in group])
-        sibling = (group[:, None] == group[None, :]) & ~np.eye(n, dtype=bool)
-        p_multi, p_noise = P_MULTI, P_LABEL_NOISE
-        hypotheses: list[tuple[int, int, float]] = []  # (c0, c1, prior)
-        for a in range(n):
-            p_a = 1 / len(GROUPS) / n_tags[a]  # group uniform (blocks of len(GROUPS)), tag uniform within
-            hypotheses.append((a, -1, p_a * (1 - p_multi)))
-            for b in range(n):
-                if sibling[a, b]:  # two thirds of the second labels: a uniform sibling
-                    hypotheses.append((a, b, p_a * p_multi * 2 / 3 / (n_tags[a] - 1)))
-                elif group[b] != group[a]:  # one third: a uniform label of another group
-                    hypotheses.append((a, b, p_a * p_multi / 3 / (n - n_tags[a])))
-        self.c0 = np.array([h[0] for h in hypotheses])
-        self.c1 = np.array([h[1] for h in hypotheses])
-        self.prior = np.array([h[2] for h in hypotheses])
-        self.multi = self.c1 >= 0
-        self.cross = self.multi & (group[self.c0] != group[np.maximum(self.c1, 0)])
-        self.group, self.n_tags, self.sibling = group, n_tags, sibling
-        # P(label l recorded | content): c1 always stays; c0 survives the noise; any other label only as
-        # the noise's replacement (a sibling of c0 half the time, else any label outside the content).
-        rec = np.zeros((len(self.c0), n))
-        for h, (a, b) in enumerate(zip(self.c0, self.c1, strict=True)):
-            outside = n - (2 if b >= 0 else 1)
-            for lab in range(n):
-                if lab == b:
-                    rec[h, lab] = 1.0
-                elif lab == a:
-                    rec[h, lab] = 1 - p_noise
-                else:
-                    rec[h, lab] = p_noise * (0.5 * sibling[a, lab] / (n_tags[a] - 1) + 0.5 / outside)
-        self.recorded = rec
-        # P(photo | scene label): the preferred photo or one of the pool, then maybe a confuser
-        photos = sorted({p for g in GROUPS for p in g[1]})
-        self.photo_index = {p: i for i, p in enumerate(photos)}
-        ph = np.zeros((len(photos), n))
-        for lab_i, lab in enumerate(self.labels):
-            gi, k = info[lab]
-            pool, preferred = GROUPS[gi][1], GROUPS[gi][3][k][2]
-            others = [p for g in GROUPS if g[0] != GROUPS[gi][0] for p in g[1]]
-            for p, i in self.photo_index.items():
-                own = P_PREFERRED * (p == preferred) + (1 - P_PREFERRED) * (p in pool) / len(pool)
-                ph[i, lab_i] = (1 - P_CONFUSER) * own + P_CONFUSER * (p in others) / len(others)
-        self.photo = ph
-        self.signature = [sound_signature(lab) for lab in self.labels]
-        audio_total = sum(AUDIO_MODES.values())
-        self.p_audio = {k: v / audio_total for k, v in AUDIO_MODES.items()}
-        title_total = sum(TITLE_KINDS.values())
-        self.p_title = {k: TITLE_KINDS.get(k, 0.0) / title_total for k in ("label", "group", "sibling", "filler", "empty")}
-
-    def _image(self, photos: tuple[str, ...]) -> np.ndarray:
-        """P(scene photos | h): one scene for c0, or two (c0 then c1) when the second label is cross-group."""
-        like = np.zeros(len(self.c0))
-        if len(photos) == 1:
-            like[~self.cross] = self.photo[self.photo_index[photos[0]], self.c0[~self.cross]]
-        elif len(photos) == 2:
-            i, j = self.photo_index[photos[0]], self.photo_index[photos[1]]
-            like[self.cross] = self.photo[i, self.c0[self.cross]] * self.photo[j, self.c1[self.cross]]
-        return like
-
-    def _audio(self, sounds: tuple[tuple[str, float], ...]) -> np.ndarray:
-        """P(sound signatures | h): none (mode "none"), else one per content label in order, the first being
-        the label's own ("label") or a uniformly drawn sibling's ("sibling")."""
-        if not sounds:
-            return np.full(len(self.c0), self.p_audio.get("none", 0.0))
-        like = np.zeros(len(self.c0))
-        for h, (a, b) in enumerate(zip(self.c0, self.c1, strict=True)):
-            if len(sounds) != (2 if b >= 0 else 1) or (b >= 0 and self.signature[b] != sounds[1]):
-                continue
-            siblings_heard = sum(self.signature[s] == sounds[0] for s in np.flatnonzero(self.sibling[a]))
-            like[h] = (self.p_audio.get("label", 0.0) * (self.signature[a] == sounds[0])
-                       + self.p_audio.get("sibling", 0.0) * siblings_heard / (self.n_tags[a] - 1))
-        return like
-
-    def _title(self, title: tuple[frozenset[int], int] | tuple[()] | None) -> np.ndarray:
-        """P(title mentions | h), up to factors common to every hypothesis (the keyword drawn among a
-        label's three, fillers, separators). Kinds: "label" names c0 (and c1 with p 0.6), "sibling" one
-        sibling of c0, each with the group word half of the time; "group" only the group word; "filler"
-        nothing; "empty" is the empty title."""
-        if title is None:
-            return np.ones(len(self.c0))
-        if title == ():
-            return np.full(len(self.c0), self.p_title["empty"])
-        mentioned, group_word = title
-        p = self.p_title
-        own_group = self.group[self.c0]
-        word_ok = (group_word == -1) | (group_word == own_group)
-        like = np.zeros(len(self.c0))
-        if len(mentioned) == 0:
-            like += p["group"] * (group_word == own_group) + p["filler"] * (group_word == -1)
-        elif len(mentioned) == 1:
-            (m,) = mentioned
-            label_kind = (self.c0 == m) * np.where(self.multi, 0.4, 1.0)
-            sibling_kind = self.sibling[self.c0, m] / (self.n_tags[self.c0] - 1)
-            like += word_ok * 0.5 * (p["label"] * label_kind + p["sibling"] * sibling_kind)
-        elif len(mentioned) == 2:
-            both = self.multi & np.array([{a, b} == mentioned for a, b in zip(self.c0, self.c1, strict=True)])
-            like += word_ok * 0.5 * p["label"] * 0.6 * both
-        return like
-
-    def recorded_probability(self, evidence: Evidence) -> tuple[np.ndarray, bool]:
-        """(P(label l is among the recorded labels | evidence) for every l, whether the title had to be
-        ignored because no hypothesis explains it: a keyword formed across two title tokens)."""
-        weight = self.prior * self._image(evidence.photos) * self._audio(evidence.sounds)
-        with_title = weight * self._title(evidence.title)
-        fallback = bool(with_title.sum() <= 0)
-        if not fallback:
-            weight = with_title
-        if weight.sum() <= 0:
-            raise ValueError(f"no hypothesis explains {evidence}")
-        return weight @ self.recorded / weight.sum(), fallback
-
-
-def bayes_ceiling(specs: list[VideoSpec], use_title: bool = True) -> dict:
-    """The best Hit@1 any model could reach on ``specs``, from the generator's own probabilities.
-
-    Derivation. A video's recorded labels R depend on what can be observed only through its content
-    labels (c0, c1): the label noise is drawn independently of the title, the pictures and the sounds.
-    The observable evidence E is taken to be, *perceived perfectly*: the photo of each scene (the
-    number of scenes shows a cross-group second label), the sound signature (kind, centre) of each
-    sound segment (their number shows a second label unless the video is silent), and the title's
-    label keywords and group word. Then ``P(l in R | E) = sum_h P(h | E) P(l in R | h)`` over the
-    content hypotheses h, with ``P(h | E) ~ P(h) P(photos | h) P(sounds | h) P(title | h)`` exactly as
-    :func:`make_spec` samples them (:class:`_Posterior`). The Bayes-optimal single guess is
-    ``argmax_l P(l in R | E)`` and its expected Hit@1 on the video is ``max_l P(l in R | E)``.
-
-    Returns, averaged over ``specs``:
-
-    * ``hit_at_1``: the ceiling, the mean of ``max_l P(l in R | E)`` (the Bayes rule's expected Hit@1);
-    * ``bayes_rule_hit_at_1``: the Bayes guess scored against the labels actually recorded (a draw
-      around the ceiling; a lucky model can beat it on a finite split, not the ceiling in expectation);
-    * ``content_oracle_hit_at_1``: a looser bound that assumes the content labels themselves are seen
-      (only the label noise is left): ``max_l P(l in R | c0, c1)``;
-    * ``title_fallbacks``: videos whose title no hypothesis explains (a keyword formed across two tokens,
-      e.g. "石子路" + "人像" reads "路人"), scored without their title.
-
-    Assumptions (each makes the ceiling an upper bound for real models): the photo and the sound
-    signature are perceived without error (real extractors confuse zoomed crops, cards on textures and
-    jittered frequencies), the group prior is uniform (the generator balances groups in blocks of
-    ``len(GROUPS)`` videos), and the model knows the generator's probabilities (a trained model only
-    approximates them from finite data). ``use_title=False`` gives the ceiling without titles (the
-    image+audio rows, and ``evaluate --no-title``).
-    """
-    if not specs:
-        raise ValueError("no videos")
-    post = _Posterior()
-    cache_: dict[Evidence, tuple[np.ndarray, bool]] = {}
-    expected, realised, oracle, fallbacks = 0.0, 0, 0.0, 0
-    index = {lab: i for i, lab in enumerate(post.labels)}
-    hypothesis = {(int(a), int(b)): h for h, (a, b) in enumerate(zip(post.c0, post.c1, strict=True))}
-    for spec in specs:
-        evidence = Evidence.of(spec, use_title)
-        if evidence not in cache_:
-            cache_[evidence] = post.recorded_probability(evidence)
-        probs, fallback = cache_[evidence]
-        expected += float(probs.max())
-        realised += int(post.labels[int(np.argmax(probs))] in spec.labels)
-        content = (index[spec.content[0]], index[spec.content[1]] if len(spec.content) > 1 else -1)
-        oracle += float(post.recorded[hypothesis[content]].max())
-        fallbacks += int(fallback)
-    n = len(specs)
-    return {"videos": n, "hit_at_1": expected / n, "bayes_rule_hit_at_1": realised / n,
-            "content_oracle_hit_at_1": oracle / n, "title_fallbacks": fallbacks}
-
-
-def split_ceilings(specs: list[VideoSpec]) -> dict:
-    """Per split ("all" too): :func:`bayes_ceiling` with titles and without (``no_title``)."""
-    out: dict = {"method": "bayes_ceiling (model/synth.py): the generator's exact posterior of each video's "
-                           "recorded labels given perfectly perceived photos, sound signatures and title words",
-                 "splits": {}}
-    for name in [n for n, _ in SPLITS] + ["all"]:
-        chosen = [s for s in specs if name == "all" or s.split == name]
-        if chosen:
-            out["splits"][name] = {**bayes_ceiling(chosen), "no_title": bayes_ceiling(chosen, use_title=False)}
-    return out
-
-
-def read_ceiling(data_dir: str | os.PathLike) -> dict:
-    """The ceilings of a generated set: its ``ceiling.json``, or computed from its meta.json (seed, N)."""
-    path = Path(data_dir) / CEILING_FILE
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
-    return split_ceilings(_split_specs(meta["seed"], meta["videos"]))
-
-
-def _split_specs(seed: int, videos: int) -> list[VideoSpec]:
-    """The specs of a set, each with its split (the fixed permutation :func:`generate` uses)."""
-    specs = [make_spec(seed, i) for i in range(videos)]
-    order = np.random.default_rng(np.random.SeedSequence([seed, 2**31])).permutation(videos)
-    n_val = n_test = max(1, round(0.15 * videos)) if videos >= 3 else 0
-    for rank, idx in enumerate(order):
-        specs[idx].split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return specs
-
-
-def format_ceiling(ceiling: dict) -> str:
-    """One line per split, as ``tagstream dataset synth`` prints them."""
-    lines = []
-    for name, c in ceiling["splits"].items():
-        lines.append(f"Bayes ceiling {name} ({c['videos']} videos): Hit@1 {c['hit_at_1']:.3f} with titles, "
-                     f"{c['no_title']['hit_at_1']:.3f} without (content oracle {c['content_oracle_hit_at_1']:.3f}; "
-                     f"Bayes rule on the recorded labels {c['bayes_rule_hit_at_1']:.3f} / "
-                     f"{c['no_title']['bayes_rule_hit_at_1']:.3f})")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- pictures
@@ -680,7 +233,7 @@ def _audio(spec: VideoSpec, rng: np.random.Generator) -> np.ndarray:
     n = int(round(spec.duration * rate))
     colour = float(rng.choice([0.0, 0.5, 1.0]))  # white, pink, brown (power ~ 1 / f^(2 colour))
     mix = _shaped_noise(rng, n, rate, lambda fr: fr ** -colour) * rng.uniform(0.05, 0.3)
-    if rng.random() < P_MUSIC:
+    if rng.random() < synth_spec.P_MUSIC:
         t = np.arange(n) / rate
         chord = sum(np.sin(2 * np.pi * 220 * 2 ** (rng.integers(0, 36) / 12) * t) for _ in range(3))
         mix += chord / 3 * rng.uniform(0.1, 0.4) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.3, 1) * t))
@@ -760,7 +313,7 @@ def generate(out_dir: str | os.PathLike, videos: int, seed: int, workers: int = 
         if old.get("seed") != seed or old.get("version") != VERSION:
             raise ValueError(f"{out} holds a set made with seed {old.get('seed')} (version "
                              f"{old.get('version')}); use an empty folder")
-    specs = _split_specs(seed, videos)
+    specs = split_specs(seed, videos)
     (out / "class.txt").write_text("".join(f"{lab}\n" for lab in labels()), encoding="utf-8")
     for name, _ in SPLITS:
         rows = [f"videos/{s.vid}.mp4\t{s.title}\t{','.join(s.labels)}\n" for s in specs if s.split == name]
@@ -770,10 +323,10 @@ def generate(out_dir: str | os.PathLike, videos: int, seed: int, workers: int = 
             fh.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
     meta = {"generator": "tagstream dataset synth", "version": VERSION, "seed": seed, "videos": videos,
             "splits": {name: sum(s.split == name for s in specs) for name, _ in SPLITS},
-            "labels": len(labels()), "groups": len(GROUPS), "p_preferred_photo": P_PREFERRED,
-            "p_card_on_texture": P_CARD, "p_confuser_photo": P_CONFUSER, "p_label_noise": P_LABEL_NOISE,
-            "p_multi_label": P_MULTI, "p_music": P_MUSIC, "title_kinds": TITLE_KINDS,
-            "audio_modes": AUDIO_MODES}
+            "labels": len(labels()), "groups": len(GROUPS), "p_preferred_photo": synth_spec.P_PREFERRED,
+            "p_card_on_texture": synth_spec.P_CARD, "p_confuser_photo": synth_spec.P_CONFUSER, "p_label_noise": synth_spec.P_LABEL_NOISE,
+            "p_multi_label": synth_spec.P_MULTI, "p_music": synth_spec.P_MUSIC, "title_kinds": synth_spec.TITLE_KINDS,
+            "audio_modes": synth_spec.AUDIO_MODES}
     meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (out / CEILING_FILE).write_text(json.dumps(split_ceilings(specs), indent=2) + "\n", encoding="utf-8")
     jobs = [(s, str(out / "videos" / f"{s.vid}.mp4"), seed) for s in specs

@@ -18,7 +18,7 @@ train and evaluate on a copy of the features with the image and audio dimensions
 training split's mean and standard deviation (written once to ``RUNS/features_std``).
 
 Runs whose ``results.json`` exists are not repeated. Prints the table (markdown, the paper's layout plus
-the no-title column; with ``--data`` the set's Bayes ceiling, model/synth.py, and each row's gap to it:
+the no-title column; with ``--data`` the set's Bayes ceiling, model/synth_ceiling.py, and each row's gap to it:
 the with-title ceiling for rows that read titles, the no-title ceiling for image+audio rows) and writes
 ``RUNS_DIR/table1.json`` (merged with earlier calls).
 """
@@ -143,7 +143,7 @@ def main() -> None:
 
     ceiling = None
     if args.data:
-        from model.synth import read_ceiling
+        from model.synth_ceiling import read_ceiling
 
         ceiling = read_ceiling(args.data)["splits"]["test"]
         print(f"Bayes ceiling of the test split ({ceiling['videos']} videos): Hit@1 {ceiling['hit_at_1']:.3f} with "
