@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 
+from worker.cli_errors import redact
 from worker.config import Settings
 from worker.jobs.connection import redis_address, redis_from_url, sentinel_pool
 from worker.jobs.queue_metrics import queue_key
@@ -44,10 +45,8 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password (the part after ``user:`` before ``@``) and a ``sentinel_password`` query
-    value replaced by ``***``."""
-    url = re.sub(r"^([a-z+]+://[^:/@]*:)[^@/]*@", r"\1***@", url)
-    return re.sub(r"([?&]sentinel_password=)[^&]*", r"\1***", url)
+    """``url`` as the report shows it: passwords masked by the CLI's one rule (:func:`worker.cli_errors.redact`)."""
+    return redact(url)
 
 
 def connect(url: str) -> redis.Redis:
