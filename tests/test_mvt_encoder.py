@@ -185,11 +185,18 @@ def test_resuming_with_another_encoder_is_refused(tmp_path, capsys, encoders):
         train_cmd.run(train_args(str(root), str(ck), "--text-encoder-dir", str(encoders["B"])))
 
 
-def test_predict_on_the_folder_needs_the_same_encoder(tmp_path, capsys, caplog, encoders):
-    root = write_mvt(tmp_path / "datasets")
-    ck = tmp_path / "ck"
+@pytest.fixture(scope="module")
+def encoder_trained(tmp_path_factory, encoders) -> tuple[Path, Path]:
+    """(MVT folder, checkpoint) trained once with ``--text-branch encoder`` on encoder A."""
+    tmp = tmp_path_factory.mktemp("encoder-trained")
+    root, ck = write_mvt(tmp / "datasets"), tmp / "ck"
     assert train_cmd.run(train_args(str(root), str(ck), "--text-branch", "encoder",
                                     "--text-encoder-dir", str(encoders["A"]))) == 0
+    return root, ck
+
+
+def test_predict_on_the_folder_needs_the_same_encoder(tmp_path, capsys, caplog, encoders, encoder_trained):
+    root, ck = encoder_trained
     parser = argparse.ArgumentParser()
     batch_predict.add_arguments(parser)
     out = tmp_path / "pred.jsonl"
@@ -205,11 +212,8 @@ def test_predict_on_the_folder_needs_the_same_encoder(tmp_path, capsys, caplog, 
     assert len(out.read_text("utf-8").splitlines()) == 16
 
 
-def test_evaluate_on_the_folder_with_the_training_encoder(tmp_path, capsys, caplog, encoders):
-    root = write_mvt(tmp_path / "datasets")
-    ck = tmp_path / "ck"
-    assert train_cmd.run(train_args(str(root), str(ck), "--text-branch", "encoder",
-                                    "--text-encoder-dir", str(encoders["A"]))) == 0
+def test_evaluate_on_the_folder_with_the_training_encoder(capsys, caplog, encoders, encoder_trained):
+    root, ck = encoder_trained
     parser = argparse.ArgumentParser()
     evaluate_cmd.add_arguments(parser)
     base = [str(ck), str(root), "--split", "val", "--device", "cpu"]
