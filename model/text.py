@@ -5,7 +5,9 @@
 tokens *including* the special tokens: a long title keeps ``[CLS]``, its first 48 tokens and ``[SEP]``
 (as MultimodalVideoTag's ERNIE reader, ``text_max_len = 50``: ``tokens[:max_len - 2]`` between
 ``[CLS]`` and ``[SEP]``). ``L`` is the longest title in the batch (at most 50); padded positions have
-zero states and a False mask. :meth:`TextEncoder.tokenize` is exactly what ``forward`` feeds the model.
+zero states and a False mask. :meth:`TextEncoder.tokenize` gives the ids ``forward`` feeds the model;
+:meth:`TextEncoder.token_ids` (one title, thread-safe) and :meth:`TextEncoder.encode_ids` (a batch of id
+lists) are the two halves of ``forward``, so the worker tokenises each title once, off its inference threads.
 
 Empty title (``""`` or whitespace only): an all-False mask and zero states, i.e. *no title*; the
 caller keeps zero rows (``states[i][mask[i]]``, shape ``(0, D)``). MultimodalVideoTag instead feeds
@@ -42,6 +44,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -115,6 +118,7 @@ class TextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.extractor_id = extractor_id
         self.feature_dim = int(model.config.hidden_size)
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -126,28 +130,46 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, titles: list[str]):
         """The tokenizer's batch for ``titles`` (ids with ``[CLS]``/``[SEP]``, cut to ``max_tokens``
-        including them, padded to the longest), on the encoder's device: what :meth:`forward` feeds."""
-        return self.tokenizer(
-            titles,
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        ).to(self.device)
+        including them, padded to the longest), on the encoder's device: the ids :meth:`forward` feeds."""
+        with self._tokenizer_lock:
+            return self.tokenizer(
+                titles,
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+
+    def token_ids(self, title: str) -> list[int]:
+        """One title's ids as :meth:`tokenize` gives them, unpadded; ``[]`` for an empty or whitespace-only
+        title (no title). Thread-safe (the fast tokenizer is not: calls are serialised), so callers can
+        tokenise each video's title once, on their own thread, and batch the ids (:meth:`encode_ids`)."""
+        if not isinstance(title, str) or not title.strip():
+            return []
+        with self._tokenizer_lock:
+            return list(self.tokenizer(title, truncation=True, max_length=self.max_tokens)["input_ids"])
 
     @torch.inference_mode()
-    def forward(self, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        titles = [t if isinstance(t, str) else "" for t in titles]
-        if not titles:
-            return torch.zeros((0, 0, self.feature_dim), device=self.device), torch.zeros(
-                (0, 0), dtype=torch.bool, device=self.device
-            )
-        enc = self.tokenize(titles)
-        states = self.model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].bool()
-        empty = torch.tensor([not t.strip() for t in titles], device=self.device)
-        mask &= ~empty[:, None]
+    def encode_ids(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """States and mask of titles given as :meth:`token_ids` lists: padded (right, with the tokenizer's
+        pad id) to the longest, ``(B, L, D)`` and ``(B, L)``; an empty list is a row of zero states with an
+        all-False mask. The same numbers as :meth:`forward` of the titles."""
+        width = max((len(row) for row in ids), default=0)
+        if width == 0:
+            return (torch.zeros((len(ids), 0, self.feature_dim), device=self.device),
+                    torch.zeros((len(ids), 0), dtype=torch.bool, device=self.device))
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.bool)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        states = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state.float()
         return states * mask[..., None], mask
+
+    def forward(self, titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_ids([self.token_ids(t) for t in titles])
 
 
 def build_text_encoder(

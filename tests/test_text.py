@@ -63,6 +63,23 @@ def test_batch_padding_does_not_change_states(encoder: TextEncoder) -> None:
     assert torch.allclose(alone[0, :n], batched[0, :n], atol=1e-4)
 
 
+def test_ids_tokenised_one_by_one_give_the_batch_tokenizers_states(encoder: TextEncoder) -> None:
+    """The worker tokenises each title once (token_ids) and batches the ids (encode_ids): the same states
+    as the tokenizer's own padded batch fed to the model."""
+    titles = ["a dog runs on the beach", " ".join(["word"] * 200), "", "猫咪第一次见到雪", "a"]
+    ids = [encoder.token_ids(t) for t in titles]
+    assert ids[2] == [] and len(ids[1]) == 50
+    states, mask = encoder.encode_ids(ids)
+    enc = encoder.tokenize(titles)
+    with torch.inference_mode():
+        reference = encoder.model(**enc).last_hidden_state
+    expected_mask = enc["attention_mask"].bool()
+    expected_mask[2] = False  # an empty title is no title
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(states, reference * expected_mask[..., None], rtol=0, atol=1e-5)
+    assert encoder.encode_ids([[], []])[0].shape == (2, 0, 384)
+
+
 def test_chinese_is_mostly_unknown_to_minilm(encoder: TextEncoder) -> None:
     ids = encoder.tokenizer("小猫在玩毛线球")["input_ids"]
     unk = encoder.tokenizer.unk_token_id

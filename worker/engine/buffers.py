@@ -1,6 +1,6 @@
 """Cross-video batching: a size-or-wait buffer and the per-video accumulator its results scatter into.
 
-:class:`SizeOrWaitBuffer` collects items (frames, audio patches, titles) of many videos. A batch is
+:class:`SizeOrWaitBuffer` collects items (frames, audio patches, titles' token ids) of many videos. A batch is
 *due* when it holds ``max_size`` items, or when its oldest item has waited ``max_wait`` seconds,
 whichever comes first; :meth:`SizeOrWaitBuffer.take` then removes up to ``max_size`` items, splitting
 a video's segment across two batches when needed. Each batch remembers which slice of it belongs to
@@ -33,7 +33,7 @@ from worker.engine.request import VideoRequest
 from worker.media.records import DecodeStats, MediaInfo
 
 Owner = TypeVar("Owner")
-#: What a buffer holds: a NumPy array stacked along axis 0 (frames, audio patches) or a list (titles).
+#: What a buffer holds: a NumPy array stacked along axis 0 (frames, audio patches) or a list (titles' token ids).
 Items = np.ndarray | list[Any]
 
 
@@ -85,7 +85,7 @@ class SizeOrWaitBuffer(Generic[Owner]):
     """FIFO of ``(owner, items)`` segments; a batch is due at ``max_size`` items or after ``max_wait``
     seconds since the oldest pending item arrived, whichever first.
 
-    ``items`` are NumPy arrays (stacked along axis 0) or lists (e.g. titles). ``now`` arguments are
+    ``items`` are NumPy arrays (stacked along axis 0) or lists (e.g. token ids). ``now`` arguments are
     ``time.monotonic()`` values; they are parameters so tests control the clock.
     """
 
@@ -182,6 +182,7 @@ class VideoAccumulator:
     submitted_wall: float = 0.0  # time.time() at submit (queue_wait = submitted_wall - enqueued_at)
     features_only: bool = False
     started_at: float | None = None  # time.monotonic() when a decode thread picked it up
+    title_ids: list[int] = field(default_factory=list)  # the title's token ids ([]: no title)
     image: list[np.ndarray] = field(default_factory=list)
     image_times: list[np.ndarray] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)

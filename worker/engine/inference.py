@@ -8,9 +8,7 @@ batches were taken (see :mod:`worker.engine.pipeline`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -60,8 +58,9 @@ class ExtractorRunner:
     """Runs one buffer's batch through its extractor and scatters the results to the videos.
 
     ``image`` batches are ``(N, S, S, 3)`` uint8 frames -> features + ImageNet logits; ``audio`` batches
-    are ``(N, 96, 64)`` log-mel patches -> 128-d rows; ``text`` batches are lists of titles -> token
-    states, of which each video keeps its unpadded rows. On CUDA, frames and patches are copied from
+    are ``(N, 96, 64)`` log-mel patches -> 128-d rows; ``text`` batches are lists of titles' token ids
+    (tokenised once per video when it was submitted) -> token states, of which each video keeps its
+    unpadded rows. On CUDA, frames and patches are copied from
     pinned host memory with ``non_blocking=True``. If the batch raises, each video's items are re-run
     alone; the videos that still fail are returned with their exception (nothing else is affected).
 
@@ -83,7 +82,6 @@ class ExtractorRunner:
         self.extractors = extractors
         self.device = device
         self.cpu_slices = dict(self.CPU_SLICES if cpu_slices is None else cpu_slices)
-        self._locks = {"text": threading.Lock()}
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -105,7 +103,7 @@ class ExtractorRunner:
             return _numpy(features), _numpy(logits)
         if name == "audio":
             return (_numpy(ex.audio(self._to_device(items))),)
-        states, mask = ex.text(list(items))
+        states, mask = ex.text.encode_ids(list(items))
         return _numpy(states), _numpy(mask).astype(bool)
 
     @staticmethod
@@ -123,8 +121,8 @@ class ExtractorRunner:
         """Run the extractor on ``batch`` (whole, or per video after a failure); touches no video.
 
         Safe to call from several threads at once (eval-mode networks under ``torch.inference_mode``;
-        text batches, whose tokenizer is not thread-safe, take a lock)."""
-        with self._locks.get(name, contextlib.nullcontext()), torch.inference_mode():
+        text batches are token ids, so no tokenizer runs here)."""
+        with torch.inference_mode():
             n = len(batch)
             t0 = time.perf_counter()
             try:

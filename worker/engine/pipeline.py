@@ -170,12 +170,14 @@ class Pipeline:
 
     def submit(self, request: VideoRequest, *, features_only: bool = False) -> Future[Any]:
         """Queue a video. Blocks while the request queue is full (backpressure on the caller). The future
-        holds the result document, or the VideoFeatures with ``features_only`` (hence ``Any``)."""
+        holds the result document, or the VideoFeatures with ``features_only`` (hence ``Any``). The title
+        is tokenised here, once, on the caller's thread (text batches then carry token ids)."""
         if not self._started:
             raise RuntimeError("Pipeline.start() was not called")
         future: Future[Any] = Future()
         acc = VideoAccumulator(request=request, future=future, submitted_at=time.monotonic(),
-                               submitted_wall=time.time(), features_only=features_only)
+                               submitted_wall=time.time(), features_only=features_only,
+                               title_ids=self.models.extractors.text.token_ids(request.title))
         if self._stopping.is_set():
             future.set_exception(ShutdownError("the pipeline is stopping"))
             return future
@@ -280,10 +282,9 @@ class Pipeline:
         acc, now = event.video, time.monotonic()
         match event:
             case Started():
-                title = acc.request.title.strip()
-                if title:
+                if acc.title_ids:
                     acc.expect("text", 1)
-                    self._buffers["text"].add(acc, [title], now)
+                    self._buffers["text"].add(acc, [acc.title_ids], now)
             case Frames(timestamps=timestamps, frames=frames):
                 acc.image_times.append(np.asarray(timestamps, dtype=np.float64))
                 acc.expect("image", len(frames))
