@@ -76,6 +76,29 @@ def test_list_items_and_discard():
     assert batch.items == ["title b"] and batch.owners() == [b]
 
 
+def test_batches_are_assembled_in_the_allocators_memory():
+    """On CUDA the pipeline passes a pinned-memory allocator: every array batch, one segment or several,
+    is one copy into memory the allocator gave, with the items in order."""
+    given: list[np.ndarray] = []
+
+    def allocate(shape, dtype):
+        given.append(np.full(shape, 255, dtype))
+        return given[-1]
+
+    buf: SizeOrWaitBuffer[Owner] = SizeOrWaitBuffer("image", max_size=5, max_wait=0.0, allocate=allocate)
+    a, b = Owner("a"), Owner("b")
+    frames_a = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    buf.add(a, frames_a, now=0.0)
+    buf.add(b, frames_a[:1] + 100, now=0.0)
+    batch = buf.take()
+    assert len(given) == 1 and batch.items is given[0] and given[0].shape == (4, 2, 2, 3)
+    assert np.array_equal(batch.items, np.concatenate([frames_a, frames_a[:1] + 100]))
+    buf.add(a, frames_a[:2], now=0.0)
+    single = buf.take()
+    assert single.items is given[1] and not np.shares_memory(single.items, frames_a)
+    assert np.array_equal(single.items, frames_a[:2])
+
+
 def test_max_size_must_be_positive():
     with pytest.raises(ValueError):
         SizeOrWaitBuffer("x", max_size=0, max_wait=0.1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -35,6 +35,8 @@ from worker.media.records import DecodeStats, MediaInfo
 Owner = TypeVar("Owner")
 #: What a buffer holds: a NumPy array stacked along axis 0 (frames, audio patches) or a list (titles' token ids).
 Items = np.ndarray | list[Any]
+#: ``allocate(shape, dtype)``: an empty array a batch of NumPy items is assembled into.
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 class Part(NamedTuple, Generic[Owner]):
@@ -86,15 +88,19 @@ class SizeOrWaitBuffer(Generic[Owner]):
     seconds since the oldest pending item arrived, whichever first.
 
     ``items`` are NumPy arrays (stacked along axis 0) or lists (e.g. token ids). ``now`` arguments are
-    ``time.monotonic()`` values; they are parameters so tests control the clock.
+    ``time.monotonic()`` values; they are parameters so tests control the clock. With ``allocate``, every
+    batch of arrays is copied into ``allocate(shape, dtype)`` (the worker passes pinned host memory on
+    CUDA, so the batch goes to the device without another copy); without, a batch of one segment is that
+    segment itself and several are concatenated into a new array.
     """
 
-    def __init__(self, name: str, max_size: int, max_wait: float) -> None:
+    def __init__(self, name: str, max_size: int, max_wait: float, allocate: Allocate | None = None) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
         self.name = name
         self.max_size = int(max_size)
         self.max_wait = float(max_wait)
+        self.allocate = allocate
         self._segments: deque[_Segment[Owner]] = deque()
         self._count = 0
 
@@ -145,7 +151,12 @@ class SizeOrWaitBuffer(Generic[Owner]):
             parts.append(Part(owner, start, start + len(items)))
             start += len(items)
         if taken and isinstance(taken[0][1], np.ndarray):
-            data: Items = np.concatenate([items for _, items in taken]) if len(taken) > 1 else taken[0][1]
+            arrays = [items for _, items in taken]
+            if self.allocate is not None:  # the batch is assembled in the caller's memory (pinned, on CUDA)
+                first = arrays[0]
+                data: Items = np.concatenate(arrays, out=self.allocate((n, *first.shape[1:]), first.dtype))
+            else:
+                data = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         else:
             data = [x for _, items in taken for x in items]
         return Batch(items=data, parts=parts)

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 Output = tuple[np.ndarray, ...]
 
 
+def pinned_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty NumPy array in page-locked host memory (torch's caching host allocator: blocks are reused
+    once the copies that read them have finished), for batches bound for a CUDA device."""
+    torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    return torch.empty(shape, dtype=torch_dtype, pin_memory=True).numpy()
+
+
 class VideoRetry(NamedTuple):
     """One video's share of a batch that failed whole, re-run alone: its ``out`` or its ``error``."""
 
@@ -61,7 +68,8 @@ class ExtractorRunner:
     are ``(N, 96, 64)`` log-mel patches -> 128-d rows; ``text`` batches are lists of titles' token ids
     (tokenised once per video when it was submitted) -> token states, of which each video keeps its
     unpadded rows. On CUDA, frames and patches are copied from
-    pinned host memory with ``non_blocking=True``. If the batch raises, each video's items are re-run
+    pinned host memory with ``non_blocking=True`` (the batcher assembles frame and patch batches straight
+    into pinned memory, :func:`pinned_array`). If the batch raises, each video's items are re-run
     alone; the videos that still fail are returned with their exception (nothing else is affected).
 
     :meth:`compute` (the network; any thread, several at once) and :meth:`apply` (scatter into the
@@ -86,7 +94,9 @@ class ExtractorRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
+            if not tensor.is_pinned():  # batches are assembled in pinned memory (pinned_array); retries are not
+                tensor = tensor.pin_memory()
+            return tensor.to(self.device, non_blocking=True)
         return tensor
 
     def extract(self, name: str, items: Items) -> Output:

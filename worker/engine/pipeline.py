@@ -64,7 +64,7 @@ from worker.engine.buffers import Batch, SizeOrWaitBuffer, VideoAccumulator
 from worker.engine.decoding import POLL_S, DecodeThreads, as_error
 from worker.engine.document import Document, video_document
 from worker.engine.events import AudioPatches, BatchDone, Decoded, DecodeFailed, Event, Frames, Started
-from worker.engine.inference import BatchResult, ExtractorRunner
+from worker.engine.inference import BatchResult, ExtractorRunner, pinned_array
 from worker.engine.models import LoadedModels
 from worker.engine.request import VideoRequest
 from worker.errors import MediaTimeoutError, ShutdownError, TagstreamError
@@ -107,9 +107,10 @@ class Pipeline:
         self._decode_pool: DecodePool | None = None  # the decoder processes once started (None: in-thread)
         self._events: queue.Queue[Event] = queue.Queue(maxsize=2 * self._decoders.count + 8)
         wait = settings.batch_max_wait_s
+        pinned = pinned_array if self.device.type == "cuda" else None  # batches bound for the GPU: one copy
         self._buffers: dict[str, SizeOrWaitBuffer[VideoAccumulator]] = {
-            "image": SizeOrWaitBuffer("image", settings.resolved_image_batch_size(self.device.type), wait),
-            "audio": SizeOrWaitBuffer("audio", settings.audio_batch_size, wait),
+            "image": SizeOrWaitBuffer("image", settings.resolved_image_batch_size(self.device.type), wait, pinned),
+            "audio": SizeOrWaitBuffer("audio", settings.audio_batch_size, wait, pinned),
             "text": SizeOrWaitBuffer("text", settings.text_batch_size, wait),
         }
         self._runner = ExtractorRunner(models.extractors, self.device)
