@@ -1,12 +1,9 @@
 """VGGish log-mel front end, in torch, exactly as Google's reference (``vggish_input`` / ``mel_features``).
 
-Spec (the reference's behaviour): 16 kHz mono float waveform in [-1, 1]; 25 ms frames (400 samples) every
-10 ms (160 samples), no centre padding, so ``frames = 1 + floor((n - 400) / 160)``; periodic Hann window;
-512-point real FFT of each zero-padded frame; magnitude (not power); 64 triangular mel bands on the HTK
-scale ``mel = 1127 ln(1 + f / 700)`` between 125 and 7500 Hz, built like the reference's
-``spectrogram_to_mel_matrix`` (including its zeroed DC row); ``log(mel + 0.01)``. The log-mel frames are
-cut into non-overlapping patches of 96 frames (0.96 s); a remainder shorter than 96 frames is dropped,
-as the reference's ``frame()`` does.
+The spec, its constants and the mel matrix live in :mod:`model.log_mel` (NumPy, which the decoder
+processes use to cut patches without torch); they are re-exported here. This module is the same
+computation in torch, batched, on CPU or GPU: :class:`LogMelFrontend` (used by :mod:`model.vggish`),
+:func:`waveform_to_patches` and :class:`PatchStream`.
 
 Framing is done with ``Tensor.unfold`` + ``torch.fft.rfft(n=512)`` rather than ``torch.stft``: ``stft`` centres
 a 400-sample window inside a 512-sample frame, which shifts every frame by 56 samples relative to the
@@ -18,65 +15,30 @@ from audio that arrives in chunks, with results identical to cutting the whole w
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-WINDOW_SAMPLES = 400  # 25 ms
-HOP_SAMPLES = 160  # 10 ms
-FFT_LENGTH = 512  # 2 ** ceil(log2(400))
-MEL_BANDS = 64
-MEL_MIN_HZ = 125.0
-MEL_MAX_HZ = 7500.0
-LOG_OFFSET = 0.01
-PATCH_FRAMES = 96
-PATCH_SECONDS = PATCH_FRAMES * HOP_SAMPLES / SAMPLE_RATE  # 0.96
-PATCH_HOP_SAMPLES = PATCH_FRAMES * HOP_SAMPLES  # 15360: start of patch j+1 minus start of patch j
-PATCH_SPAN_SAMPLES = (PATCH_FRAMES - 1) * HOP_SAMPLES + WINDOW_SAMPLES  # 15600 samples feed one patch
+from model.log_mel import (
+    FFT_LENGTH,
+    HOP_SAMPLES,
+    LOG_OFFSET,
+    MEL_BANDS,
+    PATCH_FRAMES,
+    PATCH_HOP_SAMPLES,
+    PATCH_SECONDS,
+    PATCH_SPAN_SAMPLES,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    hertz_to_mel,
+    mel_matrix,
+    num_patches,
+    periodic_hann,
+)
 
-
-def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    """HTK mel scale as in the reference: ``1127 ln(1 + f / 700)``."""
-    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
-
-
-def mel_matrix(
-    num_mel_bins: int = MEL_BANDS,
-    num_spectrogram_bins: int = FFT_LENGTH // 2 + 1,
-    sample_rate: int = SAMPLE_RATE,
-    lower_hz: float = MEL_MIN_HZ,
-    upper_hz: float = MEL_MAX_HZ,
-) -> np.ndarray:
-    """(num_spectrogram_bins, num_mel_bins) float64 weights, built like ``spectrogram_to_mel_matrix``.
-
-    Triangles are defined in mel space on ``num_mel_bins + 2`` evenly spaced edges; the DC bin's row is
-    zeroed, as in the reference.
-    """
-    nyquist = sample_rate / 2.0
-    if not 0.0 <= lower_hz < upper_hz <= nyquist:
-        raise ValueError(f"mel range must satisfy 0 <= {lower_hz} < {upper_hz} <= {nyquist}")
-    bins_mel = hertz_to_mel(np.linspace(0.0, nyquist, num_spectrogram_bins))
-    edges = np.linspace(hertz_to_mel(lower_hz), hertz_to_mel(upper_hz), num_mel_bins + 2)
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    lower_slope = (bins_mel[:, None] - lower) / (centre - lower)
-    upper_slope = (upper - bins_mel[:, None]) / (upper - centre)
-    weights = np.maximum(0.0, np.minimum(lower_slope, upper_slope))
-    weights[0, :] = 0.0
-    return weights
-
-
-def num_frames(num_samples: int) -> int:
-    """Log-mel frames of a waveform of ``num_samples`` samples (0 when shorter than one window)."""
-    if num_samples < WINDOW_SAMPLES:
-        return 0
-    return 1 + (num_samples - WINDOW_SAMPLES) // HOP_SAMPLES
-
-
-def num_patches(num_samples: int) -> int:
-    """Whole 96-frame patches in a waveform of ``num_samples`` samples."""
-    return num_frames(num_samples) // PATCH_FRAMES
+__all__ = [  # the spec's names that other modules import from here, and this module's own
+    "MEL_BANDS", "PATCH_FRAMES", "PATCH_SECONDS", "SAMPLE_RATE", "LogMelFrontend", "PatchStream", "hertz_to_mel",
+    "num_patches", "waveform_to_patches",
+]  # fmt: skip
 
 
 class LogMelFrontend(torch.nn.Module):
@@ -91,9 +53,7 @@ class LogMelFrontend(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        n = torch.arange(WINDOW_SAMPLES, dtype=torch.float64)
-        periodic_hann = 0.5 - 0.5 * torch.cos(2.0 * math.pi * n / WINDOW_SAMPLES)
-        self.register_buffer("window", periodic_hann.float(), persistent=False)
+        self.register_buffer("window", torch.from_numpy(periodic_hann()).float(), persistent=False)
         self.register_buffer("mel", torch.from_numpy(mel_matrix()).float(), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:

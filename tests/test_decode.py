@@ -282,19 +282,19 @@ def test_cuda_primary_context_probe(monkeypatch, caplog):
 
     import torch
 
-    from worker.media import open as media_open
+    from worker.media import hwaccel as media_hwaccel
 
-    monkeypatch.setattr(media_open, "_cuda_shared", None)
-    monkeypatch.setattr(media_open, "_cuda_keepalive", None)
-    with caplog.at_level(logging.INFO, logger="worker.media.open"):
-        first = media_open.cuda_device_options()
-        assert media_open.cuda_device_options() == first
+    monkeypatch.setattr(media_hwaccel, "_cuda_shared", None)
+    monkeypatch.setattr(media_hwaccel, "_cuda_keepalive", None)
+    with caplog.at_level(logging.INFO, logger="worker.media.hwaccel"):
+        first = media_hwaccel.cuda_device_options()
+        assert media_hwaccel.cuda_device_options() == first
     probes = [r for r in caplog.records if "primary context" in r.getMessage()]
     if first:
-        assert first == {"primary_ctx": "1"} and media_open._cuda_keepalive is not None and not probes
+        assert first == {"primary_ctx": "1"} and media_hwaccel._cuda_keepalive is not None and not probes
     else:
         assert len(probes) == 1 and isinstance(probes[0].args[0], OSError), probes
-        assert media_open._cuda_keepalive is None
+        assert media_hwaccel._cuda_keepalive is None
     if not torch.cuda.is_available():
         assert first == {}
 

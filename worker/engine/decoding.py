@@ -5,11 +5,13 @@ Each thread takes a :class:`~worker.engine.buffers.VideoAccumulator`, builds its
 policy; crop and short side of the image extractor), opens it in a decoder process of the
 :class:`~worker.media.isolation.DecodePool` (``decode_isolation``, the default) or in the thread itself
 (:class:`~worker.media.source.VideoSource`; PyAV releases the GIL while demuxing, decoding and scaling),
-cuts the 16 kHz audio into 0.96 s log-mel patches as it arrives, and emits :mod:`worker.engine.events`.
+and emits :mod:`worker.engine.events`. The request asks for ``audio_patches``: the audio arrives already
+cut into 0.96 s log-mel patches (NumPy, :mod:`model.log_mel`, in the decoder process with isolation), so
+this process neither receives the raw audio nor spends its CPU on the front end.
 
-Timing: ``decode`` is the wall time from open to the last chunk, including audio patching, *excluding*
-the time ``emit`` spent blocked on a full event queue (backpressure from the batcher is not decode
-time). A request queue that is full blocks :meth:`DecodeThreads.put` (backpressure on the submitter).
+Timing: ``decode`` is the wall time from open to the last chunk, including cutting the audio patches,
+*excluding* the time ``emit`` spent blocked on a full event queue (backpressure from the batcher is not
+decode time). A request queue that is full blocks :meth:`DecodeThreads.put` (backpressure on the submitter).
 """
 
 from __future__ import annotations
@@ -20,16 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
-from model.audio_frontend import PatchStream
 from worker.config import Settings
 from worker.engine.buffers import VideoAccumulator
 from worker.engine.events import AudioPatches, Decoded, DecodeFailed, Event, Frames, Started
 from worker.errors import MediaTimeoutError, TagstreamError
+from worker.media.hwaccel import HwaccelChoice, choose_hwaccel, cuda_listed, run_probe
 from worker.media.isolation import DecodePool, IsolatedSource
 from worker.media.open import OpenPolicy
-from worker.media.records import DecodeLimits, DecodeRequest, FrameChunk
+from worker.media.records import DecodeLimits, DecodeRequest, FrameChunk, PatchChunk
 from worker.media.sampling import SamplingPolicy
 from worker.media.source import VideoSource
 
@@ -47,13 +47,30 @@ def as_error(exc: BaseException, video_id: str) -> TagstreamError:
     return TagstreamError(f"{type(exc).__name__}: {exc}")
 
 
-def resolve_hwaccel(hwaccel: str, device_type: str) -> str:
-    """The hwaccel to decode with: "auto" is NVDEC only on a GPU worker (software fallback on failure)."""
-    return "none" if hwaccel == "auto" and device_type != "cuda" else hwaccel
+def resolve_hwaccel(settings: Settings, device_type: str) -> HwaccelChoice:
+    """The hwaccel the decoders use (:func:`worker.media.hwaccel.choose_hwaccel`): ``none`` and ``cuda`` as
+    set; ``auto`` is NVDEC only on a GPU worker whose probe (a subprocess, at most
+    :data:`~worker.media.hwaccel.PROBE_TIMEOUT_S`) measured it faster than software decoding, with as many
+    NVDEC sessions as the worker would run (``resolved_decode_threads(hwaccel="cuda")``) against the CPUs
+    software decoding could use (the CPU budget, or ``decode_threads`` when fewer). Logged at INFO, with the
+    probe's figures."""
+    sessions = settings.resolved_decode_threads(hwaccel="cuda")
+    sampling = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames)
+    choice = choose_hwaccel(
+        settings.hwaccel, gpu=device_type == "cuda", cuda_listed=cuda_listed(),
+        probe=lambda: run_probe(streams=sessions, sampling=sampling),
+        cpu_budget=min(settings.resolved_cpu_budget(), settings.resolved_decode_threads()), sessions=sessions,
+    )  # fmt: skip
+    log.info("hwaccel %s: %s", choice.hwaccel, choice.reason)
+    if choice.probe is not None:
+        log.info("hwaccel probe (%s): %s", choice.probe.clip, choice.probe.describe())
+    return choice
 
 
 class DecodeThreads:
-    """``settings.resolved_decode_threads()`` decode threads (see the module docstring).
+    """``settings.resolved_decode_threads(hwaccel=...)`` decode threads (with ``decode_isolation`` one
+    decoder process each; see the module docstring): the CPU budget in software, at least eight NVDEC
+    sessions when :func:`resolve_hwaccel` chose ``cuda``, unless ``decode_threads`` is set.
 
     ``emit(event)`` pushes to the batcher and returns the seconds it blocked; ``forget(video)`` resolves a
     video whose caller cancelled it while it was queued. ``stopping`` ends the threads."""
@@ -61,8 +78,9 @@ class DecodeThreads:
     def __init__(self, settings: Settings, *, device_type: str, crop_size: int, resize_short: int,
                  emit: Callable[[Event], float], forget: Callable[[VideoAccumulator], None],
                  stopping: threading.Event) -> None:
-        self.count = settings.resolved_decode_threads()
-        self.hwaccel = resolve_hwaccel(settings.hwaccel, device_type)
+        self.hwaccel_choice = resolve_hwaccel(settings, device_type)
+        self.hwaccel = self.hwaccel_choice.hwaccel
+        self.count = settings.resolved_decode_threads(hwaccel=self.hwaccel)
         self.requests: queue.Queue[VideoAccumulator] = queue.Queue(maxsize=max(2 * self.count, 2 * settings.concurrency))
         self.settings = settings
         self._sampling = SamplingPolicy(fps=settings.fps, max_frames=settings.max_frames)
@@ -100,6 +118,7 @@ class DecodeThreads:
         return DecodeRequest(
             uri=video.request.uri, sampling=self._sampling, limits=self._limits, open_policy=self._open_policy,
             crop_size=self._crop_size, resize_short=self._resize_short, hwaccel=self.hwaccel,
+            audio_patches=True,
         )  # fmt: skip
 
     def open(self, request: DecodeRequest) -> VideoSource | IsolatedSource:
@@ -128,8 +147,7 @@ class DecodeThreads:
     def _decode(self, video: VideoAccumulator) -> None:
         t0, blocked = time.perf_counter(), 0.0
         try:
-            with torch.inference_mode(), self.open(self.request_for(video)) as source:
-                patcher = PatchStream()
+            with self.open(self.request_for(video)) as source:
                 for chunk in source.chunks():
                     if video.finished or self._stopping.is_set():
                         break
@@ -137,10 +155,8 @@ class DecodeThreads:
                         raise MediaTimeoutError("the video's deadline passed while decoding")
                     if isinstance(chunk, FrameChunk):
                         blocked += self._emit(Frames(video, chunk.timestamps, chunk.frames))
-                    else:
-                        patches = patcher.push(chunk.samples)
-                        if len(patches):
-                            blocked += self._emit(AudioPatches(video, patches.numpy()))
+                    elif isinstance(chunk, PatchChunk):
+                        blocked += self._emit(AudioPatches(video, chunk.patches))
                 info, stats = source.info, source.stats
             self._emit(Decoded(video, info, stats, time.perf_counter() - t0 - blocked))
         except Exception as exc:  # noqa: BLE001 - every failure belongs to this video only

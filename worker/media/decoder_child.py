@@ -4,7 +4,8 @@
 It serves one :class:`~worker.media.records.DecodeRequest` at a time on the inherited socket with the same
 :class:`~worker.media.source.VideoSource` the in-process path uses, lock-step (one chunk per ``next``; see
 :mod:`worker.media.wire`), until the socket closes. It imports PyAV and NumPy, never torch (its imports
-are this module's, loaded before it says ``ready``, so start-up is paid ahead of the first video). It
+are this module's, loaded before it says ``ready``, so start-up is paid ahead of the first video; with
+``audio_patches`` the log-mel patches are cut here, in NumPy, by :mod:`model.log_mel`). It
 runs at :data:`DECODER_NICE`, dies with its parent (``PR_SET_PDEATHSIG``), ignores SIGINT (the parent
 decides when it ends) and, with ``--memory-limit-mb``, runs under that ``RLIMIT_AS``. Every failure is
 sent to the parent as that video's ``error``; the process lives on.
@@ -26,7 +27,7 @@ import numpy as np
 
 from worker.errors import TagstreamError, TooLargeError
 from worker.media.open import map_av_error
-from worker.media.records import DecodeRequest, FrameChunk
+from worker.media.records import AudioChunk, DecodeRequest, FrameChunk
 from worker.media.source import VideoSource
 from worker.media.wire import recv_header, send
 
@@ -53,9 +54,12 @@ def serve(sock: socket.socket, request: DecodeRequest) -> None:
             if isinstance(chunk, FrameChunk):
                 frames = np.ascontiguousarray(chunk.frames, np.uint8)
                 send(sock, {"t": "frames", "n": len(frames), "ts": [float(t) for t in chunk.timestamps]}, frames)
-            else:
+            elif isinstance(chunk, AudioChunk):
                 samples = np.ascontiguousarray(chunk.samples, np.float32)
                 send(sock, {"t": "audio", "start": float(chunk.start_s), "n": int(samples.size)}, samples)
+            else:
+                patches = np.ascontiguousarray(chunk.patches, np.float32)
+                send(sock, {"t": "patches", "start": float(chunk.start_s), "n": len(patches)}, patches)
         send(sock, {"t": "done", "info": src.info.to_dict(), "stats": src.stats.to_dict(), "rss_kb": rss_kb()})
 
 

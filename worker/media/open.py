@@ -51,7 +51,7 @@ from urllib.parse import urljoin, urlsplit
 
 import av
 import av.error
-from av.codec.hwaccel import HWAccel, hwdevices_available
+from av.codec.hwaccel import HWAccel
 
 from worker.errors import (
     DecodeError,
@@ -309,6 +309,7 @@ def open_input(uri: str, *, open_timeout_s: float, read_timeout_s: float, max_fi
 
     Local files are size-checked before opening; URLs after opening (from ``Content-Length`` where
     the server sends one). ``policy`` applies, else the calling thread's (see the module docstring).
+    ``hwaccel`` (:func:`worker.media.hwaccel.make_hwaccel`) is handed to FFmpeg's decoders as it is.
     """
     policy = policy or current_policy()
     options = {"format_whitelist": ",".join(ALLOWED_FORMATS)}
@@ -358,52 +359,3 @@ def open_input(uri: str, *, open_timeout_s: float, read_timeout_s: float, max_fi
         raise
     return container
 
-
-def make_hwaccel(kind: str) -> HWAccel | None:
-    """An ``HWAccel`` for ``kind`` ("cuda", or "auto" = cuda when FFmpeg lists it), else None.
-
-    Each decoder's CUDA device context is the device's *primary* context, shared by every decoder of
-    this process, when that is possible (see :func:`cuda_device_options`); otherwise FFmpeg's default,
-    a new CUDA context per decoder. Returns None (software decoding) on any error; the caller also falls
-    back when opening with it fails.
-    """
-    if kind not in ("cuda", "auto"):
-        return None
-    try:
-        if kind == "auto" and "cuda" not in hwdevices_available():
-            return None
-        return HWAccel("cuda", allow_software_fallback=True, options=cuda_device_options())
-    except Exception as exc:  # noqa: BLE001 - any failure means software decoding
-        log.info("hardware decoding unavailable (%s); using software", exc)
-        return None
-
-
-_cuda_lock = threading.Lock()
-_cuda_keepalive: object | None = None  # a hardware device context holding a reference to the primary context
-_cuda_shared: bool | None = None  # None: not tried yet in this process
-
-
-def cuda_device_options() -> dict[str, str]:
-    """``{"primary_ctx": "1"}`` when this process can share the CUDA device's primary context between
-    its decoders, else ``{}``.
-
-    FFmpeg's CUDA device context otherwise calls ``cuCtxCreate`` for every decoder, so every video
-    creates and destroys a whole CUDA context (hundreds of MB, a driver-wide lock). With
-    ``primary_ctx`` it retains the device's primary context instead, which FFmpeg requires to be
-    inactive or already set to ``CU_CTX_SCHED_BLOCKING_SYNC``: it refuses (ENOTSUP) a primary context
-    that torch activated with its own flags, as in a process that runs the models and decodes in
-    threads (``decode_isolation`` off). The first call probes by creating one device context that is
-    kept for the life of the process: it also keeps the primary context alive between videos (the
-    last release would destroy it).
-    """
-    global _cuda_keepalive, _cuda_shared
-    with _cuda_lock:
-        if _cuda_shared is None:
-            try:
-                options = {"primary_ctx": "1"}
-                _cuda_keepalive = HWAccel("cuda", options=options).create(av.Codec("h264", "r"))
-                _cuda_shared = True
-            except Exception as exc:  # noqa: BLE001 - no device, or the primary context is torch's
-                log.info("CUDA primary context not shareable (%s); one CUDA context per decoder", exc)
-                _cuda_shared = False
-        return {"primary_ctx": "1"} if _cuda_shared else {}

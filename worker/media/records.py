@@ -4,8 +4,9 @@ In: :class:`DecodeRequest` (the URI, the :class:`~worker.media.sampling.Sampling
 :class:`DecodeLimits`, the :class:`~worker.media.open.OpenPolicy` and the output options), the one
 description of a decode that both decoders take: :class:`~worker.media.source.VideoSource` in the calling
 thread, :class:`~worker.media.isolation.IsolatedSource` in a decoder process (it travels there as JSON,
-:meth:`DecodeRequest.to_wire`). Out: :class:`FrameChunk` and :class:`AudioChunk` while decoding, then
-:class:`MediaInfo` and :class:`DecodeStats`.
+:meth:`DecodeRequest.to_wire`). Out: :class:`FrameChunk` and :class:`AudioChunk` (or, with
+``audio_patches``, :class:`PatchChunk`: the audio already cut into VGGish log-mel patches by
+:class:`model.log_mel.PatchCutter`) while decoding, then :class:`MediaInfo` and :class:`DecodeStats`.
 
 Nothing here imports torch or the settings module (the GPU benchmark image has no pydantic-settings);
 ``from_settings`` takes any object with the settings' field names.
@@ -24,7 +25,8 @@ from worker.media.sampling import SamplingPolicy
 if TYPE_CHECKING:
     from worker.config import Settings
 
-__all__ = ["AudioChunk", "DecodeLimits", "DecodeRequest", "DecodeStats", "FrameChunk", "MediaInfo"]
+__all__ = ["AudioChunk", "DecodeLimits", "DecodeRequest", "DecodeStats", "FrameChunk", "MediaInfo",
+           "PatchChunk"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class DecodeRequest:
     else the permissive default); the worker always sets one. ``crop_size``/``resize_short``: frames are
     the centre ``crop_size`` square of the display image scaled to short side ``resize_short``.
     ``chunk_frames`` frames per :class:`FrameChunk`, ``audio_chunk_s`` seconds per :class:`AudioChunk`.
+    ``audio_patches``: the audio comes out as :class:`PatchChunk` s (each one the patches completed by
+    the next ``audio_chunk_s`` of audio; a chunk that completes none gives no record) instead of
+    :class:`AudioChunk` s.
     ``hwaccel``: ``none``, ``cuda`` or ``auto``. ``codec_threads``: the video decoder's own threads.
     ``strategy`` forces a sampling strategy (benchmarks and tests; None: the cheapest plan).
     """
@@ -76,6 +81,7 @@ class DecodeRequest:
     decode_audio: bool = True
     codec_threads: int = 1
     strategy: str | None = None
+    audio_patches: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         """JSON-ready form (nested records as objects), for a decoder process."""
@@ -130,6 +136,16 @@ class AudioChunk:
 
     start_s: float
     samples: np.ndarray  # (m,) float32 mono 16 kHz
+
+
+@dataclass
+class PatchChunk:
+    """Consecutive VGGish log-mel patches of one video's audio (:mod:`model.log_mel`); patch ``k`` of the
+    chunk covers the 0.975 s of audio from ``start_s + 0.96 k`` seconds in (0.96 s apart, not overlapping
+    in frames)."""
+
+    start_s: float
+    patches: np.ndarray  # (n, 96, 64) float32, n >= 1
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""Streaming decode: sampled RGB frames and 16 kHz mono audio from a local file or http(s) URL.
+"""Streaming decode: sampled RGB frames and 16 kHz mono audio (or its log-mel patches) from a local file or
+http(s) URL.
 
 ``VideoSource`` opens the input of a :class:`~worker.media.records.DecodeRequest` (see :mod:`worker.media.open`
 for the protocol/demuxer allow-lists and
 error classification), checks limits, reads the keyframe layout, picks a strategy (see
-:mod:`worker.media.sampling`) and yields ``FrameChunk`` / ``AudioChunk`` objects. Memory is bounded by one
-chunk of frames, one audio chunk and the decoder's own buffers, whatever the video length.
+:mod:`worker.media.sampling`) and yields ``FrameChunk`` / ``AudioChunk`` (or ``PatchChunk``) objects. Memory
+is bounded by one chunk of frames, one audio chunk and the decoder's own buffers, whatever the video length.
 
 Interpretations:
 
@@ -24,6 +25,11 @@ Interpretations:
   video never leaves gaps in the audio); chunks are contiguous, ``audio_chunk_s`` long (the last one
   shorter), interleaved with the frame chunks by time. A URL is therefore fetched twice when audio is
   decoded.
+- With ``audio_patches`` each audio chunk, as it comes out, goes through one
+  :class:`model.log_mel.PatchCutter` (NumPy, no torch) and the patches it completes are yielded as a
+  ``PatchChunk`` in its place (nothing when it completes none; the remainder at the end that fills no
+  patch is dropped, as VGGish does). The cutting is part of ``timings_s["audio_s"]``;
+  ``DecodeStats.audio_seconds`` still counts the audio decoded.
 - ``decode_budget_s`` is wall time from the start of :meth:`VideoSource.chunks`, checked between packets.
 - A still image (PNG/JPEG) is ``unsupported_media``; audio-only is ``unsupported_media`` unless
   ``allow_audio_only`` (then only audio chunks are produced).
@@ -41,6 +47,7 @@ import av.error
 import numpy as np
 from av.codec.hwaccel import HWAccel
 
+from model.log_mel import PATCH_SECONDS, PatchCutter
 from worker.errors import (
     DecodeError,
     MediaTimeoutError,
@@ -49,8 +56,17 @@ from worker.errors import (
     UnsupportedMediaError,
 )
 from worker.media.audio import AUDIO_RATE, audio_chunks
-from worker.media.open import OpenPolicy, is_url, make_hwaccel, map_av_error, open_input
-from worker.media.records import AudioChunk, DecodeLimits, DecodeRequest, DecodeStats, FrameChunk, MediaInfo
+from worker.media.hwaccel import make_hwaccel
+from worker.media.open import OpenPolicy, is_url, map_av_error, open_input
+from worker.media.records import (
+    AudioChunk,
+    DecodeLimits,
+    DecodeRequest,
+    DecodeStats,
+    FrameChunk,
+    MediaInfo,
+    PatchChunk,
+)
 from worker.media.rgb import to_rgb
 from worker.media.sampling import Layout, Plan, SamplingPolicy, Selector, nearest_indices, plan_strategy
 
@@ -70,11 +86,12 @@ class VideoSource:
     def __init__(self, uri: str, policy: SamplingPolicy, limits: DecodeLimits, *, crop_size: int = 224,
                  resize_short: int = 256, chunk_frames: int = 16, audio_chunk_s: float = 10.0,
                  hwaccel: str = "none", decode_audio: bool = True, codec_threads: int = 1,
-                 strategy: str | None = None, open_policy: OpenPolicy | None = None) -> None:
+                 strategy: str | None = None, open_policy: OpenPolicy | None = None,
+                 audio_patches: bool = False) -> None:
         self.request = DecodeRequest(
             uri=uri, sampling=policy, limits=limits, open_policy=open_policy, crop_size=crop_size,
             resize_short=resize_short, chunk_frames=chunk_frames, audio_chunk_s=audio_chunk_s, hwaccel=hwaccel,
-            decode_audio=decode_audio, codec_threads=codec_threads, strategy=strategy,
+            decode_audio=decode_audio, codec_threads=codec_threads, strategy=strategy, audio_patches=audio_patches,
         )  # fmt: skip
         self.uri, self.policy, self.limits = uri, policy, limits
         self.codec_threads, self.force_strategy = max(0, codec_threads), strategy
@@ -101,7 +118,7 @@ class VideoSource:
         return cls(r.uri, r.sampling, r.limits, crop_size=r.crop_size, resize_short=r.resize_short,
                    chunk_frames=r.chunk_frames, audio_chunk_s=r.audio_chunk_s, hwaccel=r.hwaccel,
                    decode_audio=r.decode_audio, codec_threads=r.codec_threads, strategy=r.strategy,
-                   open_policy=r.open_policy)  # fmt: skip
+                   open_policy=r.open_policy, audio_patches=r.audio_patches)  # fmt: skip
 
     @property
     def layout(self) -> Layout | None:
@@ -411,11 +428,25 @@ class VideoSource:
             self.stats.audio_seconds = chunk.start_s + chunk.samples.size / AUDIO_RATE
             yield chunk
 
-    def chunks(self) -> Iterator[FrameChunk | AudioChunk]:
-        """Frame and audio chunks interleaved by time (audio up to the end of each frame chunk)."""
+    def _audio_records(self) -> Iterator[tuple[float, AudioChunk | PatchChunk | None]]:
+        """Per decoded audio chunk: (seconds of audio decoded so far, what to yield for it): the chunk,
+        or with ``audio_patches`` the patches it completes (None when it completes none)."""
+        cutter = PatchCutter() if self.request.audio_patches else None
+        for chunk in self._audio_chunks():
+            end_s = chunk.start_s + chunk.samples.size / AUDIO_RATE
+            if cutter is None:
+                yield end_s, chunk
+                continue
+            start_s = cutter.patches_emitted * PATCH_SECONDS
+            patches = cutter.push(chunk.samples)
+            yield end_s, (PatchChunk(start_s, patches) if len(patches) else None)
+
+    def chunks(self) -> Iterator[FrameChunk | AudioChunk | PatchChunk]:
+        """Frame and audio chunks (or patch chunks) interleaved by time (audio up to the end of each frame
+        chunk)."""
         t0 = time.perf_counter()
         self._deadline = t0 + self.limits.decode_budget_s
-        audio = self._audio_chunks() if (self.decode_audio and self._a is not None) else iter(())
+        audio = self._audio_records() if (self.decode_audio and self._a is not None) else iter(())
         audio_pos = 0.0
         audio_time = 0.0
         try:
@@ -430,15 +461,17 @@ class VideoSource:
                         if nxt is None:
                             audio_pos = math.inf
                             break
-                        audio_pos = nxt.start_s + nxt.samples.size / AUDIO_RATE
-                        yield nxt
+                        audio_pos, record = nxt
+                        if record is not None:
+                            yield record
             while True:
                 ta = time.perf_counter()
                 nxt = next(audio, None)
                 audio_time += time.perf_counter() - ta
                 if nxt is None:
                     break
-                yield nxt
+                if nxt[1] is not None:
+                    yield nxt[1]
         finally:
             self.stats.timings_s["audio_s"] = audio_time
             self.stats.timings_s["decode_total_s"] = time.perf_counter() - t0
