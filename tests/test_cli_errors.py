@@ -170,6 +170,28 @@ def test_supervisor_fails_fast_before_starting_workers(dead_redis, held_port, ex
     assert named in one_line(r)  # no "worker 0 started" log line: no child ran
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0", "input should be greater than or equal to 1"),
+     ("two", "input should be a valid integer, unable to parse string as an integer")],
+)  # fmt: skip
+def test_workers_per_gpu_must_be_a_positive_integer(dead_redis, held_port, value, message):
+    r = worker("--workers-per-gpu", value, "--device", "cpu", redis_url=dead_redis, port=held_port)
+    assert r.code == 2
+    assert one_line(r) == f"tagstream: error: --workers-per-gpu '{value}': {message}"
+    r = worker("--device", "cpu", redis_url=dead_redis, port=held_port, env={"TAGSTREAM_WORKERS_PER_GPU": value})
+    assert r.code == 2
+    assert one_line(r) == f"tagstream: error: TAGSTREAM_WORKERS_PER_GPU '{value}': {message}"
+
+
+def test_workers_per_gpu_needs_a_metrics_port_for_each_worker(dead_redis):
+    """Two CPU workers (no GPU) from port 65535 would need 65536 too: refused before any worker starts."""
+    r = worker("--workers-per-gpu", "2", "--device", "cpu", redis_url=dead_redis, port=65535,
+               env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert r.code == 2
+    assert one_line(r) == "tagstream: error: --metrics-port 65535: not a TCP port (1-65535, or 0 for no metrics server)"
+
+
 # --- the mechanism: --debug, internal errors, --version, unknown commands ---------------------------------
 @pytest.mark.parametrize(
     ("argv", "env"),

@@ -1,9 +1,9 @@
-"""``tagstream worker --gpus``: the supervisor, with real ``tagstream worker`` children.
+"""``tagstream worker --gpus`` / ``--workers-per-gpu``: the supervisor, with real ``tagstream worker`` children.
 
 There is no GPU here, so the tests name the devices (``--gpus 0,1``) and pass ``--device cpu``: each
 child still gets its own ``CUDA_VISIBLE_DEVICES`` and metrics port, loads the real models on CPU and
-registers with rq. Children are found through ``/proc`` (Linux), their environment read from
-``/proc/PID/environ``.
+registers with rq; ``--workers-per-gpu 2`` without ``--gpus`` runs two CPU workers. Children are found
+through ``/proc`` (Linux), their environment read from ``/proc/PID/environ``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,20 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Worker
-from worker_support import ROOT, http_get, wait_for
+from worker_support import ROOT, http_get, scrape, wait_for
 
-from worker.config import Settings
+from worker.config import CPU_SHARE_ENV, Settings, settings_from_args
+from worker.cpu_budget import cpu_budget
 from worker.jobs.enqueue import tag_queue
 from worker.service.run import add_arguments
-from worker.service.supervisor import child_flags, devices_for
+from worker.service.supervisor import (
+    ChildSpec,
+    Supervisor,
+    child_flags,
+    child_specs,
+    devices_for,
+    share_cpu_budget,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -77,8 +85,9 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def start_supervisor(redis_url: str, port: int, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "worker.cli", "worker", "--gpus", "0,1", "--device", "cpu", "--hwaccel", "none",
+def start_supervisor(redis_url: str, port: int, log: Path, *extra: str, gpus: tuple[str, ...] = ("--gpus", "0,1"),
+                     ) -> subprocess.Popen:  # fmt: skip
+    cmd = [sys.executable, "-m", "worker.cli", "worker", *gpus, "--device", "cpu", "--hwaccel", "none",
            "--redis-url", redis_url, "--queue", "supervised", "--name", "sup", "--no-bridge",
            "--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--heartbeat-interval-s", "0.5", *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -120,6 +129,106 @@ def test_child_flags_pass_settings_through_but_not_per_child_ones():
     from worker.config import settings_from_args
 
     assert settings_from_args(again).allowed_roots == ["/a", "/b"]
+
+
+def parse_worker_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_child_specs_two_devices_three_workers_each():
+    """Child i = position * N + j: devices in order, N consecutive children each, port and name by i."""
+    specs = child_specs(["GPU-a", "5"], 3, 9200, "node7")
+    assert [(s.index, s.device, s.metrics_port, s.name) for s in specs] == [
+        (0, "GPU-a", 9200, "node7-0"), (1, "GPU-a", 9201, "node7-1"), (2, "GPU-a", 9202, "node7-2"),
+        (3, "5", 9203, "node7-3"), (4, "5", 9204, "node7-4"), (5, "5", 9205, "node7-5"),
+    ]  # fmt: skip
+    assert [(s.metrics_port, s.name) for s in child_specs(["0", "1"], 3, 0, None)] == [(0, None)] * 6
+    assert child_specs([None], 2, 9108, None) == [ChildSpec(0, None, 9108, None), ChildSpec(1, None, 9109, None)]
+
+
+def test_each_childs_command_and_environment(monkeypatch):
+    """What a child is started with: its device, port and name, one worker per process (even when
+    TAGSTREAM_WORKERS_PER_GPU says otherwise), its CPU share, the flags passed through; a restart renames
+    it."""
+    monkeypatch.setenv("TAGSTREAM_WORKERS_PER_GPU", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    args = parse_worker_args(["--gpus", "all", "--name", "n", "--metrics-port", "9300", "--concurrency", "4"])
+    settings = settings_from_args(args)
+    specs = child_specs(devices_for(args.gpus), settings.workers_per_gpu, settings.metrics_port, args.name)
+    sup = Supervisor(child_flags(args), specs, settings, share_cpu_budget(len(specs), 12))
+    seen = []
+    for child in sup.children:
+        cmd, env = sup.command(child)
+        assert cmd[1:4] == ["-m", "worker.cli", "worker"]
+        child_args = parse_worker_args(cmd[4:])
+        monkeypatch.setenv(CPU_SHARE_ENV, env[CPU_SHARE_ENV])
+        child_settings = settings_from_args(child_args)  # under the child's environment, as the child reads it
+        assert child_args.gpus is None and child_settings.workers_per_gpu == 1  # a worker, not a supervisor
+        assert child_settings.concurrency == 4 and child_settings.resolved_decode_threads() == 2  # 12 // 6
+        seen.append((env["CUDA_VISIBLE_DEVICES"], child_settings.metrics_port, child_args.name))
+    assert seen == [("0", 9300, "n-0"), ("0", 9301, "n-1"), ("0", 9302, "n-2"),
+                    ("1", 9303, "n-3"), ("1", 9304, "n-4"), ("1", 9305, "n-5")]  # fmt: skip
+    sup.children[4].restarts = 2
+    cmd, _ = sup.command(sup.children[4])
+    assert flag_value(cmd, "--name") == "n-4.2" and flag_value(cmd, "--metrics-port") == "9304"
+
+
+def test_the_cpu_budget_is_shared_not_multiplied(monkeypatch):
+    """Each child's share is budget // children, at least 1; in a child it replaces the whole budget for
+    decode threads 0 and CPU inference threads 0 (a GPU's 1 inference thread and explicit counts stay)."""
+    assert share_cpu_budget(8, 16).cpus == 2  # --gpus all on an 8-GPU, 16-core box: not 8 x 16 decoders
+    assert share_cpu_budget(6, 16).cpus == 2  # 2 GPUs x 3 workers
+    assert share_cpu_budget(2, 7).cpus == 3
+    assert share_cpu_budget(32, 16).cpus == 1
+    assert share_cpu_budget(1, 16).cpus == 16
+    monkeypatch.delenv(CPU_SHARE_ENV, raising=False)
+    assert Settings().resolved_cpu_budget() == cpu_budget().cpus  # not supervised: the process's own
+    monkeypatch.setenv(CPU_SHARE_ENV, "3")
+    auto = Settings()
+    assert auto.resolved_cpu_budget() == 3
+    assert auto.resolved_decode_threads() == 3 and auto.resolved_inference_threads("cpu") == 3
+    assert auto.resolved_inference_threads("cuda") == 1
+    explicit = Settings(decode_threads=6, inference_threads=5)
+    assert explicit.resolved_decode_threads() == 6 and explicit.resolved_inference_threads("cpu") == 5
+
+
+def test_workers_per_gpu_without_gpus_runs_that_many_cpu_workers(redis_url, tmp_path):
+    """``--workers-per-gpu 2`` and no GPU: two real workers, each with its own rq name and metrics port that
+    a Prometheus scrape reads, each with its share of the CPU budget (as many decoder processes); SIGTERM
+    stops both."""
+    port = free_port_pair()
+    conn = redis.Redis.from_url(redis_url)
+    queue = tag_queue(conn, Settings(queue="supervised"))
+    budget = cpu_budget().cpus  # the children inherit this process's affinity and cgroup
+    share = max(1, budget // 2)
+    sup = start_supervisor(redis_url, port, tmp_path / "supervisor.log", gpus=("--workers-per-gpu", "2"))
+    try:
+        wait_for(lambda: len(children_of(sup.pid)) == 2, 60, "two children", sup)
+        by_name = {flag_value(cmdline_of(pid), "--name"): pid for pid in children_of(sup.pid)}
+        assert sorted(by_name) == ["sup-0", "sup-1"]
+        for i in (0, 1):
+            cmd, env = cmdline_of(by_name[f"sup-{i}"]), environ_of(by_name[f"sup-{i}"])
+            assert flag_value(cmd, "--metrics-port") == str(port + i)
+            assert flag_value(cmd, "--workers-per-gpu") == "1" and "--gpus" not in cmd
+            assert env[CPU_SHARE_ENV] == str(share) and env["CUDA_VISIBLE_DEVICES"] == ""  # no device: inherited
+        wait_for(lambda: sorted(w.name for w in Worker.all(queue=queue)) == ["sup-0", "sup-1"], 240,
+                 "both children registered with rq", sup)  # fmt: skip
+        for i in (0, 1):
+            wait_for(lambda p=port + i: scrape(p).get(("tagstream_ready", ())) == 1.0, 60, f"ready on {port + i}", sup)
+            assert scrape(port + i)[("tagstream_in_flight_videos", ())] == 0.0
+            decoders = [p for p in children_of(by_name[f"sup-{i}"]) if "worker.media.decoder_child" in cmdline_of(p)]
+            assert len(decoders) == share  # decode_threads 0: the share, not the whole budget
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(60) == 0
+        assert Worker.all(queue=queue) == []
+    finally:
+        for pid in children_of(sup.pid):
+            os.kill(pid, signal.SIGKILL)
+        stop(sup)
+    log = (tmp_path / "supervisor.log").read_text()
+    assert f"CPU budget of {budget} split between 2 workers: {share} each" in log
 
 
 def test_supervisor_workers_per_device_restart_and_sigterm(redis_url, tmp_path):

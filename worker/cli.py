@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("model.evaluate", "Evaluate a checkpoint: Hit@k, GAP@20, mAP as JSON."),
     "enqueue": ("worker.jobs.enqueue", "Enqueue a video for tagging."),
     "status": ("worker.jobs.status", "Show a video's job state and result."),
-    "worker": ("worker.service.run", "Run a tagging worker; --gpus all runs one per visible GPU."),
+    "worker": ("worker.service.run", "Run a tagging worker; --gpus all runs one (--workers-per-gpu N: N) per visible GPU."),
     "demo": ("worker.tools.demo", "Start Redis if none is configured, tag sample videos with a worker, print tags."),
     "doctor": ("worker.service.doctor", "Check this host: versions, lock, device, Redis, policy, CPU budget."),
     "predict": ("worker.tools.predict", "Tag a feature store, MultimodalVideoTag folder or folder of videos: JSON Lines or MVT's JSON."),

@@ -8,6 +8,7 @@ comma-separated in both (``TAGSTREAM_ALLOWED_ROOTS=/data,/media``).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -18,6 +19,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker.cpu_budget import cpu_budget
 
 CsvList = Annotated[list[str], NoDecode]
+CPU_SHARE_ENV = "TAGSTREAM_CPU_SHARE"
+"""A supervised worker's share of the machine's CPU budget, set by its supervisor (not a setting)."""
+NVDEC_MIN_SESSIONS = 8
+"""Decode threads with NVDEC when ``decode_threads`` is 0: at least one per decoder engine (7 on an H100/H200)."""
 
 
 class Settings(BaseSettings):
@@ -54,7 +59,17 @@ class Settings(BaseSettings):
 
     # --- worker lifecycle ---------------------------------------------------------------------------
     concurrency: int = Field(8, ge=1, description="K: jobs in flight per worker process.")
-    decode_threads: int = Field(0, ge=0, description="Decode threads; 0 means the CPU budget (affinity mask and cgroup quota).")
+    workers_per_gpu: int = Field(
+        1, ge=1,
+        description="Worker processes per GPU under the --gpus supervisor, each with its own K job slots and "
+        "metrics port; above 1 without --gpus means --gpus all (without GPUs: this many CPU workers). "
+        "The workers share the CPU budget: each gets budget // workers (at least 1) for decode_threads 0 and, "
+        "on CPU, inference_threads 0.",
+    )  # fmt: skip
+    decode_threads: int = Field(
+        0, ge=0,
+        description="Decode threads; 0 means the CPU budget (affinity mask and cgroup quota), at least 8 with NVDEC.",
+    )  # fmt: skip
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a worker renews its own and its jobs' heartbeats.")
     heartbeat_ttl_s: float = Field(20.0, gt=0, description="A job whose worker stops beating is orphaned after this.")
     maintenance_interval_s: float = Field(10.0, gt=0, description="How often a worker collects orphaned jobs.")
@@ -94,7 +109,12 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(30.0, gt=0, description="Limit on one network read (slow servers fail with timeout).")
     decode_budget_s: float = Field(300.0, gt=0, description="Decode wall-time budget per video.")
     allow_audio_only: bool = Field(False, description="Tag audio-only files instead of refusing them.")
-    hwaccel: Literal["auto", "cuda", "none"] = Field("auto", description="NVDEC when a GPU is present.")
+    hwaccel: Literal["auto", "cuda", "none"] = Field(
+        "auto",
+        description="Video decoding: none (software), cuda (NVDEC; software for a video it fails on) or auto: "
+        "NVDEC only on a GPU worker whose start-up probe (at most ~20 s) measured it faster than software; "
+        "set cuda or none to skip the probe.",
+    )  # fmt: skip
     max_aspect_ratio: float = Field(10.0, ge=1, description="Refuse video whose long/short side ratio exceeds this.")
     max_redirects: int = Field(5, ge=0, description="HTTP redirects followed; each target passes the URI policy.")
     decode_isolation: bool = Field(
@@ -139,10 +159,24 @@ class Settings(BaseSettings):
             raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
         return device
 
-    def resolved_decode_threads(self) -> int:
-        """``decode_threads``, or for 0: the CPUs this process may use (:func:`worker.cpu_budget.cpu_budget`:
-        affinity mask and cgroup quota, not the node's CPU count)."""
-        return self.decode_threads or cpu_budget().cpus
+    def resolved_decode_threads(self, *, hwaccel: str = "none") -> int:
+        """``decode_threads``, or for 0: the CPUs this process may use (:meth:`resolved_cpu_budget`:
+        affinity mask and cgroup quota, not the node's CPU count; a supervised worker's share), and with ``hwaccel`` ``cuda`` at least
+        :data:`NVDEC_MIN_SESSIONS`: each decode thread (decoder process) is one NVDEC session, a session
+        runs on one of the chip's decoder engines (7 on an H100/H200), so fewer sessions than engines leave
+        engines idle whatever the CPU count."""
+        if self.decode_threads:
+            return self.decode_threads
+        cpus = self.resolved_cpu_budget()
+        return max(NVDEC_MIN_SESSIONS, cpus) if hwaccel == "cuda" else cpus
+
+    def resolved_cpu_budget(self) -> int:
+        """The CPUs the default (0) decode and CPU inference thread counts are made of: this worker's share
+        when a ``--gpus`` supervisor started it (:data:`CPU_SHARE_ENV`, set for each child by
+        :mod:`worker.service.supervisor`: the children share one machine), else the CPUs this process may
+        use (:func:`worker.cpu_budget.cpu_budget`)."""
+        share = os.environ.get(CPU_SHARE_ENV, "").strip()
+        return int(share) if share.isdigit() and int(share) > 0 else cpu_budget().cpus
 
     def resolved_image_batch_size(self, device_type: str) -> int:
         """``image_batch_size``, or for 0: 64 on an accelerator, 8 on CPU. On CPU a large batch gains
@@ -158,7 +192,7 @@ class Settings(BaseSettings):
         accelerator."""
         if self.inference_threads:
             return self.inference_threads
-        return cpu_budget().cpus if device_type == "cpu" else 1
+        return self.resolved_cpu_budget() if device_type == "cpu" else 1
 
 
 def _flag(name: str) -> str:

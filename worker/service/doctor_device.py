@@ -15,6 +15,10 @@ Interpretations:
   < 7.5) are FAIL, WARN with ``device=cpu``.
 * NVDEC (``h264_cuvid``, ``hevc_cuvid`` and FFmpeg's ``cuda`` hwdevice) missing while a GPU is in use
   with ``hwaccel`` auto/cuda is WARN: decoding falls back to software, which works but costs CPU.
+  ``hwaccel=cuda`` without a GPU is WARN (every video tries NVDEC first). ``hwaccel=auto`` on a GPU host
+  runs the worker's start-up probe (:mod:`worker.media.hwaccel`; not with ``--quick``) and says which
+  value auto will choose and why: OK when NVDEC decoded in the probe, whichever is chosen; WARN when the
+  probe or NVDEC failed, or NVDEC silently fell back to software.
 """
 
 from __future__ import annotations
@@ -227,25 +231,42 @@ def uses_gpu(settings: Settings) -> bool:
         return False
 
 
+PIN_HWACCEL = "pin it with TAGSTREAM_HWACCEL=cuda or none"
+
+
 def check_nvdec(settings: Settings, probe_device: bool = False) -> Check:
-    """PyAV's NVDEC decoders and ``cuda`` hwdevice; with ``probe_device`` also create one CUDA device
-    context, which needs a working driver."""
+    """PyAV's NVDEC decoders and ``cuda`` hwdevice, and what the worker will decode with (see the module
+    docstring). With ``probe_device``: for ``hwaccel=auto`` on a GPU host the worker's own start-up probe
+    (:func:`worker.engine.decoding.resolve_hwaccel`, up to ~20 s), whose figures and choice the line gives;
+    for ``hwaccel=cuda`` one CUDA device context, which needs a working driver."""
     try:  # inside the check: whether PyAV imports is the finding
         import av
-        from av.codec.hwaccel import hwdevices_available
+
+        from worker.media.hwaccel import cuda_listed
     except Exception as exc:  # noqa: BLE001
         return fail("nvdec", f"PyAV does not import: {error_text(exc)}")
     codecs = [c for c in NVDEC_CODECS if c in av.codec.codecs_available]
-    hwdevice = "cuda" in hwdevices_available()
+    hwdevice = cuda_listed()
     have = ", ".join(codecs + (["cuda hwdevice"] if hwdevice else [])) or "none"
     if settings.hwaccel == "none":
-        return ok("nvdec", f"off (hwaccel=none); FFmpeg has: {have}")
+        return ok("nvdec", f"off (hwaccel=none): software decoding; FFmpeg has: {have}")
+    pinned = settings.hwaccel == "cuda"
     if not uses_gpu(settings):
-        return ok("nvdec", f"not used without a GPU (software decoding); FFmpeg has: {have}")
+        if pinned:
+            return warn(
+                "nvdec",
+                "hwaccel=cuda without a GPU: every video tries NVDEC, then decodes in software "
+                "(TAGSTREAM_HWACCEL=auto or none: software at once)",
+            )
+        return ok("nvdec", f"no GPU: hwaccel=auto decodes in software (no probe run); FFmpeg has: {have}")
     missing = [c for c in NVDEC_CODECS if c not in codecs] + ([] if hwdevice else ["cuda hwdevice"])
     if missing:
         return warn("nvdec", f"missing {', '.join(missing)}: videos decode in software on the CPU")
-    if probe_device:
+    if not probe_device:
+        return ok(
+            "nvdec", f"{have}; " + ("hwaccel=cuda (set)" if pinned else "auto's probe not run (--quick)")
+        )
+    if pinned:
         try:
             from av.codec.hwaccel import HWAccel  # inside the check: whether it imports is the finding
 
@@ -256,8 +277,22 @@ def check_nvdec(settings: Settings, probe_device: bool = False) -> Check:
                 f"{have} listed, but a CUDA decoder context fails ({error_text(exc)}): "
                 "videos decode in software",
             )
-        return ok("nvdec", f"{have}; a CUDA decoder context opens")
-    return ok("nvdec", have)
+        sessions = settings.resolved_decode_threads(hwaccel="cuda")
+        return ok(
+            "nvdec", f"{have}; a CUDA decoder context opens; hwaccel=cuda (set): {sessions} NVDEC sessions"
+        )
+    # inside the check: the engine imports PyAV, whose import is this check's first finding
+    from worker.engine.decoding import resolve_hwaccel
+
+    choice = resolve_hwaccel(settings, "cuda")
+    threads = settings.resolved_decode_threads(hwaccel=choice.hwaccel)
+    probe = choice.probe
+    worked = probe is not None and probe.nvdec_decoded()
+    detail = (
+        f"auto chooses {choice.hwaccel} ({threads} decode threads): {choice.reason}; "
+        f"probe: {probe.describe() if probe else 'none'}; {PIN_HWACCEL}"
+    )
+    return ok("nvdec", detail) if worked else warn("nvdec", detail)
 
 
 def device_type(settings: Settings) -> str:
@@ -283,7 +318,7 @@ def cpu_checks(settings: Settings) -> list[Check]:
         )
     ]
     kind = device_type(settings)
-    decode = settings.resolved_decode_threads()
+    decode = settings.resolved_decode_threads(hwaccel=settings.hwaccel)
     inference = settings.resolved_inference_threads(kind)
     detail = (
         f"decode {decode}, inference {inference} on {kind}, concurrency {settings.concurrency}"

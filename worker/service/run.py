@@ -10,7 +10,8 @@ server (``/healthz`` answers at once, ``/readyz`` 503), models, pipeline, then t
 while models load end the process at once (by the signal; nothing is in flight yet), and before the rq
 worker runs make it return 0 (:class:`EarlyStop`).
 
-``--gpus`` makes this command a supervisor instead (:mod:`worker.service.supervisor`).
+``--gpus`` (or ``--workers-per-gpu`` above 1) makes this command a supervisor instead
+(:mod:`worker.service.supervisor`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from worker.jobs.worker import TagWorker
 from worker.metrics import Metrics
 from worker.service.doctor import log_startup_warnings
 from worker.service.health import HealthServer
-from worker.service.supervisor import Supervisor, child_flags, devices_for
+from worker.service.supervisor import Supervisor, child_flags, child_specs, devices_for, share_cpu_budget
 
 if TYPE_CHECKING:
     from worker.engine.models import LoadedModels
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpus", default=None,
-        help="'all', a count N, or device ids like 0,2: supervise one worker process per GPU.",
+        help="'all', a count N, or device ids like 0,2: supervise --workers-per-gpu worker processes per GPU.",
     )  # fmt: skip
     parser.add_argument("--name", default=None, help="rq worker name (default: random).")
     parser.add_argument("--no-bridge", action="store_true", help="Do not bridge tagstream:uploads.")
@@ -201,11 +202,12 @@ def check_device(device: str, *, one_gpu_each: bool = False) -> None:
 
 
 def preflight(settings: Settings, devices: list[str | None] | None = None, *, ping: bool = True) -> None:
-    """What a worker (or a ``--gpus`` supervisor, whose children are ``devices``) checks before it binds
-    the metrics port or loads a model: the metrics port range, the device (:func:`check_device`) and
-    Redis (:func:`worker.jobs.connection.connect`: the URL, then a PING with a short timeout; without ``ping``
-    only the URL). Raises :class:`UsageError` or :class:`worker.cli_errors.ServiceUnavailable`."""
-    children = len(devices) if devices else 1
+    """What a worker (or a ``--gpus`` supervisor, whose children are ``workers_per_gpu`` for each of
+    ``devices``) checks before it binds the metrics port or loads a model: the metrics port range (one port
+    per child), the device (:func:`check_device`) and Redis (:func:`worker.jobs.connection.connect`: the URL,
+    then a PING with a short timeout; without ``ping`` only the URL). Raises :class:`UsageError` or
+    :class:`worker.cli_errors.ServiceUnavailable`."""
+    children = len(devices) * settings.workers_per_gpu if devices else 1
     if settings.metrics_port and not 0 < settings.metrics_port + children - 1 <= 65535:
         raise UsageError("not a TCP port (1-65535, or 0 for no metrics server)", setting="metrics_port",
                          value=settings.metrics_port)  # fmt: skip
@@ -219,17 +221,20 @@ def preflight(settings: Settings, devices: list[str | None] | None = None, *, pi
 
 
 def run(args: argparse.Namespace) -> int:
-    """``tagstream worker``: the pre-flight check, then one worker, or with ``--gpus`` the supervisor."""
+    """``tagstream worker``: the pre-flight check, then one worker, or with ``--gpus`` (``--workers-per-gpu``
+    above 1 alone means ``--gpus all``) the supervisor."""
     settings = settings_from_args(args)
     devices = None
-    if args.gpus:
+    if args.gpus or settings.workers_per_gpu > 1:
         try:
-            devices = devices_for(args.gpus)
+            devices = devices_for(args.gpus or "all")
         except SystemExit as exc:  # devices_for's message names --gpus
             raise UsageError(str(exc.code)) from exc
     preflight(settings, devices, ping=not args.no_redis_check)
     if devices is not None:
+        specs = child_specs(devices, settings.workers_per_gpu, settings.metrics_port, args.name)
+        share = share_cpu_budget(len(specs), settings.resolved_cpu_budget())
         flags = [*child_flags(args), "--no-redis-check"]  # checked here; a restart may come during an outage
-        return Supervisor(flags, devices, settings, name=args.name).run()
+        return Supervisor(flags, specs, settings, share).run()
     log_startup_warnings(settings)  # what `tagstream doctor` would warn about, without loading models
     return run_worker(settings, name=args.name, bridge=not args.no_bridge)

@@ -1,26 +1,44 @@
-"""The ``tagstream worker --gpus`` supervisor: one worker process per GPU, restarted when it dies.
+"""The ``tagstream worker --gpus`` supervisor: worker processes per GPU, restarted when they die.
 
-``--gpus`` makes ``tagstream worker`` a supervisor (:class:`Supervisor`) that runs one worker process per GPU:
+``--gpus`` makes ``tagstream worker`` a supervisor (:class:`Supervisor`) that runs ``workers_per_gpu``
+(``--workers-per-gpu N``, default 1) full worker processes per GPU, each with its own rq job slots (K =
+``concurrency``) and metrics port: one Python process feeding one GPU left an H100 16% busy on a 16-core
+host (BENCHMARKS.md, the H100 end-to-end runs), so several processes per GPU feed it. The devices:
 
 * ``--gpus all``: every visible GPU (the entries of ``CUDA_VISIBLE_DEVICES`` when set, else
-  ``0..torch.cuda.device_count()-1``); without GPUs, one worker (on CPU).
+  ``0..torch.cuda.device_count()-1``); without GPUs, one device "none" (the workers run on CPU).
 * ``--gpus N``: the first N visible GPUs (an error when fewer are visible).
 * ``--gpus 0,2`` (ids or GPU UUIDs): exactly these, passed through unchecked as
   ``CUDA_VISIBLE_DEVICES`` would take them. With ``--device cpu`` the children run on CPU, which is
   how the supervisor is tested on machines without GPUs.
+* no ``--gpus`` but ``--workers-per-gpu N`` with N > 1: as ``--gpus all`` (so N CPU workers on a
+  machine without GPUs).
 
-Child ``i`` gets ``CUDA_VISIBLE_DEVICES=<device i>``, metrics port ``metrics_port + i`` (0 stays 0)
-and, when ``--name`` is given, the rq worker name ``<name>-<i>`` (``<name>-<i>.<restarts>`` after a
-restart: rq refuses a name whose previous holder has not expired yet). Every other flag and the
-environment are passed through. Children run in their own session, so a terminal's Ctrl-C reaches
-only the supervisor, which forwards each SIGTERM/SIGINT it gets to every child (the first starts the
-children's graceful shutdown, a second hands their jobs back at once); on Linux a child also gets
-SIGTERM if the supervisor dies. A child that exits while the supervisor is not stopping is restarted
-(a ``max_jobs`` recycle at once; a crash or the OOM killer after 1 s, doubling up to 30 s while it
-keeps failing within :data:`QUICK_EXIT_S` of its start); after :data:`MAX_QUICK_EXITS` such quick
-failures in a row the supervisor stops the others and exits with the child's status (a configuration
-error should not loop forever). In ``--burst`` mode a child that exits 0 is done. The supervisor
-exits with the worst status of its children's last runs (0 when all stopped cleanly).
+Children (:func:`child_specs`): the ``j``-th worker of the device at position ``p`` is child
+``i = p * N + j``; it gets ``CUDA_VISIBLE_DEVICES=<its device>`` (left as inherited for "none"), metrics
+port ``metrics_port + i`` (0 stays 0) and, when ``--name`` is given, the rq worker name ``<name>-<i>``
+(``<name>-<i>.<restarts>`` after a restart: rq refuses a name whose previous holder has not expired
+yet), and ``--workers-per-gpu 1`` (a child is one worker, whatever ``TAGSTREAM_WORKERS_PER_GPU`` says).
+
+CPU budget (:func:`share_cpu_budget`): the children share one machine, so each gets
+``max(1, budget // children)`` of the supervisor's CPU budget
+(:meth:`~worker.config.Settings.resolved_cpu_budget`, which every child would see as its own too) in
+its environment (:data:`worker.config.CPU_SHARE_ENV`). A child's default thread counts are made of that
+share instead of the whole budget: ``decode_threads`` 0 and, when its models run on CPU,
+``inference_threads`` 0 (on a GPU the default of 1 inference thread stands, and the decode-thread
+minimum for NVDEC still applies: the child resolves both itself, after it knows its device and decoder).
+Without the split, 8 GPU workers on a 16-core box would each start 16 decoder processes. An explicit
+thread count is per worker process, passed on as given. The supervisor logs the split once.
+
+Every other flag and the environment are passed through. Children run in their own session, so a
+terminal's Ctrl-C reaches only the supervisor, which forwards each SIGTERM/SIGINT it gets to every child
+(the first starts the children's graceful shutdown, a second hands their jobs back at once); on Linux a
+child also gets SIGTERM if the supervisor dies. A child that exits while the supervisor is not stopping
+is restarted (a ``max_jobs`` recycle at once; a crash or the OOM killer after 1 s, doubling up to 30 s
+while it keeps failing within :data:`QUICK_EXIT_S` of its start); after :data:`MAX_QUICK_EXITS` such
+quick failures in a row the supervisor stops the others and exits with the child's status (a
+configuration error should not loop forever). In ``--burst`` mode a child that exits 0 is done. The
+supervisor exits with the worst status of its children's last runs (0 when all stopped cleanly).
 
 The supervisor loads no model and imports no torch, except to count GPUs when ``CUDA_VISIBLE_DEVICES``
 is unset (:func:`visible_devices`).
@@ -40,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from worker.config import Settings
+from worker.config import CPU_SHARE_ENV, Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +82,8 @@ def visible_devices() -> list[str]:
 
 
 def devices_for(spec: str) -> list[str | None]:
-    """The device of each child for a ``--gpus`` value (see module docstring); ``[None]`` is one
-    worker without a device assignment."""
+    """The devices for a ``--gpus`` value (see module docstring); ``[None]``: no GPU, the workers run
+    without a device assignment."""
     spec = spec.strip()
     if spec == "all":
         return list(visible_devices()) or [None]
@@ -82,14 +100,18 @@ def devices_for(spec: str) -> list[str | None]:
     return list(ids)
 
 
+#: Settings the supervisor sets for each child itself, never passed through from its own command line.
+PER_CHILD = ("metrics_port", "workers_per_gpu")
+
+
 def child_flags(args: argparse.Namespace) -> list[str]:
     """The worker flags given on the supervisor's command line, for its children, without ``--gpus``,
-    ``--name`` and ``--metrics-port`` (set per child). ``TAGSTREAM_*`` variables reach the children
-    through the environment."""
+    ``--name`` and the settings set per child (:data:`PER_CHILD`). ``TAGSTREAM_*`` variables reach the
+    children through the environment."""
     out: list[str] = []
     for key, value in vars(args).items():
         name = key.removeprefix("setting_")
-        if not key.startswith("setting_") or value is None or name == "metrics_port":
+        if not key.startswith("setting_") or value is None or name in PER_CHILD:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -99,6 +121,46 @@ def child_flags(args: argparse.Namespace) -> list[str]:
     if args.no_bridge:
         out.append("--no-bridge")
     return out
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What one supervised worker is: its index, its device (``CUDA_VISIBLE_DEVICES``; None: inherited),
+    its metrics port (0: none) and its rq name (None: rq's random one)."""
+
+    index: int
+    device: str | None
+    metrics_port: int
+    name: str | None
+
+
+def child_specs(
+    devices: list[str | None], workers_per_gpu: int, metrics_port: int, name: str | None
+) -> list[ChildSpec]:
+    """``workers_per_gpu`` children for each of ``devices``: the ``j``-th of the device at position ``p`` is
+    child ``i = p * workers_per_gpu + j``, with metrics port ``metrics_port + i`` (0 stays 0) and rq name
+    ``<name>-<i>``."""
+    specs = []
+    for position, device in enumerate(devices):
+        for j in range(workers_per_gpu):
+            i = position * workers_per_gpu + j
+            port = metrics_port + i if metrics_port else 0
+            specs.append(ChildSpec(i, device, port, f"{name}-{i}" if name else None))
+    return specs
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """How ``children`` supervised workers share a CPU budget of ``budget`` CPUs: each gets ``cpus``."""
+
+    budget: int
+    children: int
+    cpus: int
+
+
+def share_cpu_budget(children: int, budget: int) -> CpuShare:
+    """Each of ``children`` workers' share of ``budget`` CPUs: ``max(1, budget // children)``."""
+    return CpuShare(budget=budget, children=children, cpus=max(1, budget // children))
 
 
 def _die_with_parent() -> None:
@@ -114,8 +176,7 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Child:
-    index: int
-    device: str | None
+    spec: ChildSpec
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -124,28 +185,32 @@ class Child:
     done: bool = False
     codes: list[int] = field(default_factory=list)
 
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
 
 class Supervisor:
-    """Runs and restarts one ``tagstream worker`` process per device (see module docstring)."""
+    """Runs and restarts one ``tagstream worker`` process per :class:`ChildSpec` (see module docstring);
+    every child gets ``flags`` (:func:`child_flags`) and its ``share`` of the CPU budget."""
 
-    def __init__(self, flags: list[str], devices: list[str | None], settings: Settings, name: str | None = None) -> None:
+    def __init__(self, flags: list[str], specs: list[ChildSpec], settings: Settings, share: CpuShare) -> None:
         self.flags = list(flags)
         self.settings = settings
-        self.name = name
-        self.children = [Child(i, d) for i, d in enumerate(devices)]
+        self.share = share
+        self.children = [Child(spec) for spec in specs]
         self.stopping = threading.Event()
         self.signals: list[int] = []
 
     def command(self, child: Child) -> tuple[list[str], dict[str, str]]:
-        cmd = [sys.executable, "-m", "worker.cli", "worker", *self.flags]
-        port = self.settings.metrics_port + child.index if self.settings.metrics_port else 0
-        cmd += ["--metrics-port", str(port)]
-        if self.name:
-            suffix = f".{child.restarts}" if child.restarts else ""
-            cmd += ["--name", f"{self.name}-{child.index}{suffix}"]
-        env = dict(os.environ)
-        if child.device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = child.device
+        spec = child.spec
+        cmd = [sys.executable, "-m", "worker.cli", "worker", *self.flags, "--workers-per-gpu", "1",
+               "--metrics-port", str(spec.metrics_port)]  # fmt: skip
+        if spec.name:
+            cmd += ["--name", f"{spec.name}.{child.restarts}" if child.restarts else spec.name]
+        env = {**os.environ, CPU_SHARE_ENV: str(self.share.cpus)}
+        if spec.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = spec.device
         return cmd, env
 
     def start(self, child: Child) -> None:
@@ -153,7 +218,7 @@ class Supervisor:
         child.process = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         child.started_at = time.monotonic()
         child.restart_at = None
-        log.info("worker %d started (pid %d, device %s)", child.index, child.process.pid, child.device or "-")
+        log.info("worker %d started (pid %d, device %s)", child.index, child.process.pid, child.spec.device or "-")
 
     def forward(self, signum: int, frame: FrameType | None = None) -> None:
         """Signal handler: remember the stop and pass the signal to every running child."""
@@ -193,6 +258,9 @@ class Supervisor:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.forward)
             signal.signal(signal.SIGINT, self.forward)
+        if self.share.children > 1:
+            log.info("CPU budget of %d split between %d workers: %d each (their decode threads and CPU inference "
+                     "threads where those are 0)", self.share.budget, self.share.children, self.share.cpus)  # fmt: skip
         for child in self.children:
             self.start(child)
         while not all(child.done for child in self.children):
