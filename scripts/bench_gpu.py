@@ -554,7 +554,7 @@ class Bench:
             import threading
             from concurrent.futures import FIRST_COMPLETED, wait
 
-            farm = DecoderFarm(n, self.args.e2e_transport, clip, self.e2e_hwaccel)
+            farm = DecoderFarm(n, self.args.e2e_transport, clip, self.e2e_hwaccel, child_patches=True)
             done_n, results, window, util, stop = 0, [], 2 * n, [], threading.Event()
             if self.cuda and keep:  # NVML utilisation samples (the fraction of time a kernel was running)
                 threading.Thread(target=_sample_gpu, args=(stop, util), daemon=True).start()
