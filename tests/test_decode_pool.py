@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,12 +195,8 @@ def fake_decoders(monkeypatch, messages: list) -> None:
     """The pool's children become :data:`FAKE_CHILD` s sending ``messages``."""
 
     class FakeDecoder(DecoderProcess):
-        def __init__(self, memory_limit_mb: int = 0) -> None:
-            parent, child = socket.socketpair()
-            cmd = [sys.executable, "-c", FAKE_CHILD, str(child.fileno()), json.dumps(asdict(INFO)), json.dumps(messages)]
-            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), cwd=Path(__file__).resolve().parents[1])
-            child.close()
-            self.sock, self.pid, self.ready, self.served = parent, self.proc.pid, False, 0
+        def command(self, fd: int, memory_limit_mb: int) -> list[str]:
+            return [sys.executable, "-c", FAKE_CHILD, str(fd), json.dumps(asdict(INFO)), json.dumps(messages)]
 
     monkeypatch.setattr(isolation, "DecoderProcess", FakeDecoder)
 

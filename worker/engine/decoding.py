@@ -36,6 +36,12 @@ from worker.media.source import VideoSource
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often blocked threads look at the stop flag
+#: Frames per chunk and seconds of audio per patch chunk the engine asks its decoders for. Every chunk is
+#: a message, an event and a batcher step in this process (about 0.5 ms of its CPU each on a 2-vCPU VM), so
+#: a one-minute video arrives in 2 frame chunks and 1 patch chunk instead of 4 and 6 (16 frames, 10 s):
+#: BENCHMARKS.md "GPU feed". A frame chunk is one shared-memory slot: 32 x 224 x 224 x 3 = 4.8 MB.
+CHUNK_FRAMES = 32
+AUDIO_CHUNK_S = 60.0
 
 
 def as_error(exc: BaseException, video_id: str) -> TagstreamError:
@@ -94,7 +100,8 @@ class DecodeThreads:
     def start(self) -> list[threading.Thread]:
         """Start the decoder processes (with isolation) and the threads; returns the threads."""
         if self.settings.decode_isolation:
-            self.pool = DecodePool.from_settings(self.settings, self.count, software=self.hwaccel == "none")
+            self.pool = DecodePool.from_settings(self.settings, self.count, software=self.hwaccel == "none",
+                                                 slot_bytes=CHUNK_FRAMES * self._crop_size**2 * 3)
         for i in range(self.count):
             t = threading.Thread(target=self._loop, name=f"tagstream-decode-{i}", daemon=True)
             t.start()
@@ -118,7 +125,7 @@ class DecodeThreads:
         return DecodeRequest(
             uri=video.request.uri, sampling=self._sampling, limits=self._limits, open_policy=self._open_policy,
             crop_size=self._crop_size, resize_short=self._resize_short, hwaccel=self.hwaccel,
-            audio_patches=True,
+            audio_patches=True, chunk_frames=CHUNK_FRAMES, audio_chunk_s=AUDIO_CHUNK_S,
         )  # fmt: skip
 
     def open(self, request: DecodeRequest) -> VideoSource | IsolatedSource:

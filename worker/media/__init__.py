@@ -9,7 +9,8 @@ output options). Out: :class:`~worker.media.records.FrameChunk` s (RGB crops wit
 :class:`~worker.media.records.MediaInfo` and :class:`~worker.media.records.DecodeStats`; or a typed
 :class:`~worker.errors.TagstreamError`. ``VideoSource.open(request)`` (:mod:`.source`) decodes in the
 calling thread, ``DecodePool.open(request)`` (:mod:`.isolation`) in a supervised decoder process
-(:mod:`.decoder_child`, framing in :mod:`.wire`); both yield the same records. Around them: :mod:`.open`
+(:mod:`.decoder_child`, framing in :mod:`.wire`, frames through the shared memory of
+:mod:`.frame_slots`); both yield the same records. Around them: :mod:`.open`
 (allow-lists, timeouts, redirects, typed errors), :mod:`.uri_policy` (which URIs a job may name),
 :mod:`.sampling` (targets and the decode plan), :mod:`.audio`, :mod:`.rgb` (frame conversion) and
 :mod:`.probe` (``tagstream probe``). Nothing here imports torch, rq or, except the probe command, the

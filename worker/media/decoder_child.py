@@ -1,9 +1,11 @@
-"""The decoder process: ``python -m worker.media.decoder_child --fd N``, started by
-:class:`worker.media.isolation.DecoderProcess`.
+"""The decoder process: ``python -m worker.media.decoder_child --fd N [--frames-fd M --frame-slots K
+--slot-bytes B]``, started by :class:`worker.media.isolation.DecoderProcess`.
 
 It serves one :class:`~worker.media.records.DecodeRequest` at a time on the inherited socket with the same
 :class:`~worker.media.source.VideoSource` the in-process path uses, lock-step (one chunk per ``next``; see
-:mod:`worker.media.wire`), until the socket closes. It imports PyAV and NumPy, never torch (its imports
+:mod:`worker.media.wire`), until the socket closes. Frames go into the shared-memory slot the ``next``
+offered (:class:`~worker.media.frame_slots.SlotWriter`, one copy here), or on the socket when it offered
+none or they do not fit. It imports PyAV and NumPy, never torch (its imports
 are this module's, loaded before it says ``ready``, so start-up is paid ahead of the first video; with
 ``audio_patches`` the log-mel patches are cut here, in NumPy, by :mod:`model.log_mel`). It
 runs at :data:`DECODER_NICE`, dies with its parent (``PR_SET_PDEATHSIG``), ignores SIGINT (the parent
@@ -26,6 +28,7 @@ import av.error
 import numpy as np
 
 from worker.errors import TagstreamError, TooLargeError
+from worker.media.frame_slots import SlotWriter
 from worker.media.open import map_av_error
 from worker.media.records import AudioChunk, DecodeRequest, FrameChunk
 from worker.media.source import VideoSource
@@ -38,14 +41,14 @@ from worker.media.wire import recv_header, send
 DECODER_NICE = 10
 
 
-def serve(sock: socket.socket, request: DecodeRequest) -> None:
+def serve(sock: socket.socket, request: DecodeRequest, slots: SlotWriter) -> None:
     """Decode one video for the parent, one chunk per ``next``, until done or told to stop."""
     with VideoSource.open(request) as src:
         send(sock, {"t": "open", "info": src.info.to_dict()})
         chunks = src.chunks()
         while True:  # lock-step: one chunk per "next", so the child never decodes ahead of its consumer
-            command = recv_header(sock)["t"]
-            if command != "next":
+            command = recv_header(sock)
+            if command["t"] != "next":
                 send(sock, {"t": "stopped", "rss_kb": rss_kb()})
                 return
             chunk = next(chunks, None)
@@ -53,7 +56,12 @@ def serve(sock: socket.socket, request: DecodeRequest) -> None:
                 break
             if isinstance(chunk, FrameChunk):
                 frames = np.ascontiguousarray(chunk.frames, np.uint8)
-                send(sock, {"t": "frames", "n": len(frames), "ts": [float(t) for t in chunk.timestamps]}, frames)
+                header = {"t": "frames", "n": len(frames), "ts": [float(t) for t in chunk.timestamps]}
+                slot = command.get("slot", -1)
+                if slots.write(slot, frames):
+                    send(sock, {**header, "slot": slot})
+                else:
+                    send(sock, {**header, "slot": -1}, frames)
             elif isinstance(chunk, AudioChunk):
                 samples = np.ascontiguousarray(chunk.samples, np.float32)
                 send(sock, {"t": "audio", "start": float(chunk.start_s), "n": int(samples.size)}, samples)
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     """Serve requests on the inherited socket until EOF."""
     parser = argparse.ArgumentParser(prog="python -m worker.media.decoder_child")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--frames-fd", type=int, default=-1, help="the shared frame slots (none: all on the socket)")
+    parser.add_argument("--frame-slots", type=int, default=0)
+    parser.add_argument("--slot-bytes", type=int, default=0)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -102,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(DECODER_NICE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a child ends
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    slots = SlotWriter(args.frames_fd, args.frame_slots, args.slot_bytes)  # mapped before the limit; it counts
     if args.memory_limit_mb > 0:
         limit = args.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             request = DecodeRequest.from_wire(header["request"])
             uri = request.uri
-            serve(sock, request)
+            serve(sock, request, slots)
         except (BrokenPipeError, ConnectionError):
             return 0
         except Exception as exc:  # noqa: BLE001 - every failure is reported as this video's error

@@ -21,10 +21,19 @@ Design (interpretations):
   sends them instead of the raw audio: 24.6 KB per 0.96 s instead of 61 KB, and no front end to run in
   the parent), ``info``, ``stats``, ``close()``, context manager.
 - Wire format on a socketpair (:mod:`worker.media.wire`): a 4-byte big-endian length and a JSON header,
-  then for frames/audio/patches the raw array bytes, received straight into a preallocated NumPy buffer.
-  The parent never unpickles anything the child sends, and checks every header (shape = the requested
-  crop or 96 x 64, counts bounded, audio or patches as the request asked), so a child subverted by a
-  malicious file gains nothing in the worker beyond the right to fail its video.
+  then for audio/patches the raw array bytes, received straight into a preallocated NumPy buffer.
+- Frames go through shared memory (:mod:`worker.media.frame_slots`): each process has its own region of
+  ``frame_slots`` slots (default 4 x 2.4 MB, one chunk of 16 x 224 x 224 x 3 each); ``next`` offers a
+  free slot, the child copies the chunk into it and its ``frames`` header names the slot, and the chunk's
+  ``frames`` is a zero-copy view of the slot, which returns to the free list when the last view of it is
+  gone. With no slot free (a consumer that keeps its frames), or a chunk that does not fit, the frames come
+  on the socket as raw bytes. ``slot_chunks``/``socket_chunks`` count the two paths. The receive in this
+  process is a header and a view, not a 2.4 MB ``recv_into`` per chunk.
+- The parent never unpickles anything the child sends, and checks every header (shape = the requested
+  crop or 96 x 64, counts bounded, audio or patches as the request asked, frames in the slot it offered or
+  on the socket and nowhere else), so a child subverted by a malicious file gains nothing in the worker
+  beyond the right to fail its video, and to rewrite frames it delivered earlier that the engine has not
+  batched yet (:mod:`worker.media.frame_slots`, "Trust").
 - Lock-step: the child decodes the next chunk only when the parent asks for it (``next``), exactly like
   the in-process generator, so it never runs ahead of a consumer that stops early (no extra audio
   request for an abandoned URL) and backpressure reaches it unchanged. A consumer that stops early sends
@@ -56,6 +65,7 @@ import numpy as np
 from model.log_mel import MEL_BANDS, PATCH_FRAMES, PATCH_SPAN_SAMPLES, num_patches
 from worker import errors
 from worker.errors import DecoderCrashError, MediaTimeoutError, ShutdownError, TagstreamError
+from worker.media.frame_slots import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, FrameSlots
 from worker.media.open import OpenPolicy
 from worker.media.records import (
     AudioChunk,
@@ -89,19 +99,28 @@ _ERROR_CLASSES = {
 
 
 class DecoderProcess:
-    """One child process and the parent's end of its socket."""
+    """One child process, the parent's end of its socket and its own frame slots (``frame_slots`` 0: none)."""
 
-    def __init__(self, memory_limit_mb: int = 0) -> None:
+    def __init__(self, memory_limit_mb: int = 0, frame_slots: int = 0, slot_bytes: int = 0) -> None:
         parent, child = socket.socketpair()
+        self.slots = FrameSlots(frame_slots, slot_bytes)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "worker.media.decoder_child", "--fd", str(child.fileno()),
-               "--memory-limit-mb", str(memory_limit_mb), "--log-level", logging.getLevelName(log.getEffectiveLevel())]
-        self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        child.close()
+        fds = (child.fileno(), self.slots.fd) if self.slots.fd >= 0 else (child.fileno(),)
+        try:
+            self.proc = subprocess.Popen(self.command(child.fileno(), memory_limit_mb), pass_fds=fds,
+                                         stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        finally:
+            child.close()
+            self.slots.close_fd()
         self.sock = parent
         self.pid = self.proc.pid
         self.ready = False
         self.served = 0
+
+    def command(self, fd: int, memory_limit_mb: int) -> list[str]:
+        """The child's command line, ``fd`` its end of the socket."""
+        return [sys.executable, "-m", "worker.media.decoder_child", "--fd", str(fd), *self.slots.child_args(),
+                "--memory-limit-mb", str(memory_limit_mb), "--log-level", logging.getLevelName(log.getEffectiveLevel())]
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         if self.ready:
@@ -144,29 +163,37 @@ class DecodePool:
     """Up to ``size`` supervised decoder processes; see the module docstring.
 
     ``open_policy`` is the policy of requests made with :meth:`source` (None: the permissive default);
-    a request given to :meth:`open` carries its own."""
+    a request given to :meth:`open` carries its own. Each process gets ``frame_slots`` shared-memory slots
+    of ``slot_bytes`` (0 slots: every frame chunk on the socket); ``slot_chunks``/``socket_chunks`` count
+    the frame chunks received each way."""
 
     def __init__(self, size: int, *, memory_limit_mb: int = 0, grace_s: float = 10.0,
-                 open_policy: OpenPolicy | None = None, prestart: bool = True) -> None:
+                 open_policy: OpenPolicy | None = None, prestart: bool = True, frame_slots: int = DEFAULT_SLOTS,
+                 slot_bytes: int = DEFAULT_SLOT_BYTES) -> None:
         self.size = max(1, size)
         self.memory_limit_mb = memory_limit_mb
         self.grace_s = grace_s
         self.open_policy = open_policy
+        self.frame_slots, self.slot_bytes = frame_slots, slot_bytes
         self.crashes = 0
         self.kills = 0
         self.peak_rss_kb = 0
+        self.slot_chunks = 0
+        self.socket_chunks = 0
         self._idle: list[DecoderProcess] = []
         self._busy: dict[int, tuple[DecoderProcess, str]] = {}
         self._cond = threading.Condition()
         self._closed = False
         if prestart:
-            self._idle.extend(DecoderProcess(memory_limit_mb) for _ in range(self.size))
+            self._idle.extend(self._spawn() for _ in range(self.size))
 
     @classmethod
-    def from_settings(cls, settings: Settings, size: int, *, software: bool = True) -> DecodePool:
-        """The worker's pool: its open policy, and its memory limit when decoding in software."""
+    def from_settings(cls, settings: Settings, size: int, *, software: bool = True,
+                      slot_bytes: int = DEFAULT_SLOT_BYTES) -> DecodePool:
+        """The worker's pool: its open policy, its memory limit when decoding in software, frame slots of
+        ``slot_bytes`` (the caller's frame chunk)."""
         return cls(size, memory_limit_mb=settings.decode_memory_limit_mb if software else 0,
-                   open_policy=OpenPolicy.from_settings(settings))
+                   open_policy=OpenPolicy.from_settings(settings), slot_bytes=slot_bytes)
 
     def open(self, request: DecodeRequest) -> IsolatedSource:
         """Decode ``request`` in a child (blocks while all children are busy); typed errors as VideoSource."""
@@ -185,6 +212,14 @@ class DecodePool:
         with self._cond:
             return [p.pid for p in self._idle] + [p.pid for p, _ in self._busy.values()]
 
+    def free_slots(self) -> dict[int, int]:
+        """``{pid: free frame slots}`` of the living processes."""
+        with self._cond:
+            return {p.pid: p.slots.free() for p in [*self._idle, *(p for p, _ in self._busy.values())]}
+
+    def _spawn(self) -> DecoderProcess:
+        return DecoderProcess(self.memory_limit_mb, self.frame_slots, self.slot_bytes)
+
     def _acquire(self, uri: str) -> DecoderProcess:
         with self._cond:
             while True:
@@ -197,7 +232,7 @@ class DecodePool:
                     proc = self._idle.pop()
                     break
                 if len(self._busy) < self.size:
-                    proc = DecoderProcess(self.memory_limit_mb)
+                    proc = self._spawn()
                     break
                 self._cond.wait(1.0)
             self._busy[proc.pid] = (proc, uri)
@@ -220,7 +255,7 @@ class DecodePool:
             elif healthy:
                 self._idle.append(proc)
             else:  # replace it now so its start-up overlaps with other work
-                self._idle.insert(0, DecoderProcess(self.memory_limit_mb))
+                self._idle.insert(0, self._spawn())
             self._cond.notify()
 
     def close(self) -> None:
@@ -310,39 +345,64 @@ class IsolatedSource:
 
     def chunks(self) -> Iterator[FrameChunk | AudioChunk | PatchChunk]:
         """Frame and audio (or patch) chunks as the child's VideoSource yields them; then ``info``/``stats``
-        final."""
-        s, patched = self.crop_size, self.request.audio_patches
+        final. Each ``next`` offers a free frame slot; one the answer did not fill is withdrawn at once."""
+        slots = self._proc.slots
         while not self._done:
-            self._command("next")
-            header = self._next()
-            kind = header["t"]
-            if kind == "frames":
-                n, ts = _int(header.get("n")), header.get("ts")
-                if not 0 < n <= MAX_FRAMES_PER_CHUNK or not isinstance(ts, list) or len(ts) != n:
-                    self._protocol_error(header)
-                frames = self._payload((n, s, s, 3), np.uint8)
-                yield FrameChunk(np.asarray(ts, np.float64), frames)
-            elif kind == "audio" and not patched:
-                m, start = _int(header.get("n")), _float(header.get("start"))
-                if not 0 < m <= MAX_AUDIO_SAMPLES_PER_CHUNK or start is None:
-                    self._protocol_error(header)
-                samples = self._payload((m,), np.float32)
-                yield AudioChunk(start, samples)
-            elif kind == "patches" and patched:
-                n, start = _int(header.get("n")), _float(header.get("start"))
-                if not 0 < n <= MAX_PATCHES_PER_CHUNK or start is None:
-                    self._protocol_error(header)
-                patches = self._payload((n, PATCH_FRAMES, MEL_BANDS), np.float32)
-                yield PatchChunk(start, patches)
-            elif kind == "done":
-                self.info = self._media_info(header.get("info"))
-                try:
-                    self.stats = DecodeStats(**header.get("stats", {}))
-                except TypeError:
-                    self._protocol_error(header)
-                self._finish(healthy=True, rss_kb=_int(header.get("rss_kb")))
-            else:
+            slot = slots.offer()
+            try:
+                self._command({"t": "next", "slot": slot})
+                chunk = self._receive(slot)
+            finally:
+                slots.withdraw(slot)
+            if chunk is not None:
+                yield chunk
+
+    def _receive(self, slot: int) -> FrameChunk | AudioChunk | PatchChunk | None:
+        """The answer to a ``next`` that offered ``slot``: a chunk, or None after ``done``."""
+        header = self._next()
+        kind, patched = header["t"], self.request.audio_patches
+        if kind == "frames":
+            return self._frames(header, slot)
+        if kind == "audio" and not patched:
+            m, start = _int(header.get("n")), _float(header.get("start"))
+            if not 0 < m <= MAX_AUDIO_SAMPLES_PER_CHUNK or start is None:
                 self._protocol_error(header)
+            return AudioChunk(start, self._payload((m,), np.float32))
+        if kind == "patches" and patched:
+            n, start = _int(header.get("n")), _float(header.get("start"))
+            if not 0 < n <= MAX_PATCHES_PER_CHUNK or start is None:
+                self._protocol_error(header)
+            return PatchChunk(start, self._payload((n, PATCH_FRAMES, MEL_BANDS), np.float32))
+        if kind == "done":
+            self.info = self._media_info(header.get("info"))
+            try:
+                self.stats = DecodeStats(**header.get("stats", {}))
+            except TypeError:
+                self._protocol_error(header)
+            self._finish(healthy=True, rss_kb=_int(header.get("rss_kb")))
+            return None
+        self._protocol_error(header)
+
+    def _frames(self, header: dict[str, Any], offered: int) -> FrameChunk:
+        """A ``frames`` answer: in the slot that was offered (a view of it) or, with ``slot`` -1, on the
+        socket; any other slot, a count out of bounds or frames that overflow the slot break the protocol."""
+        n, ts, slot = _int(header.get("n")), header.get("ts"), header.get("slot")
+        if not 0 < n <= MAX_FRAMES_PER_CHUNK or not isinstance(ts, list) or len(ts) != n or type(slot) is not int:
+            self._protocol_error(header)
+        try:
+            timestamps = np.asarray(ts, np.float64)
+        except (TypeError, ValueError):
+            self._protocol_error(header)
+        if timestamps.shape != (n,):
+            self._protocol_error(header)
+        shape = (n, self.crop_size, self.crop_size, 3)
+        if slot == -1:
+            self._pool.socket_chunks += 1
+            return FrameChunk(timestamps, self._payload(shape, np.uint8))
+        if slot != offered or not self._proc.slots.fits(shape):
+            self._protocol_error(header)
+        self._pool.slot_chunks += 1
+        return FrameChunk(timestamps, self._proc.slots.view(offered, shape))
 
     def _finish(self, *, healthy: bool, rss_kb: int = 0) -> None:
         if not self._done:
@@ -350,9 +410,9 @@ class IsolatedSource:
             self._proc.served += 1
             self._pool._release(self._proc, healthy=healthy, rss_kb=rss_kb)
 
-    def _command(self, kind: str) -> None:
+    def _command(self, header: dict[str, Any]) -> None:
         try:
-            send(self._proc.sock, {"t": kind})
+            send(self._proc.sock, header)
         except OSError:
             self._crashed()
 

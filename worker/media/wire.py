@@ -1,15 +1,17 @@
 """The framing between the worker and its decoder processes (:mod:`worker.media.isolation`).
 
-One message is a 4-byte big-endian length, a JSON object with a type ``"t"``, and for frames, audio and
-patches the raw array bytes after it. Nothing is ever pickled. Headers are bounded by :data:`MAX_HEADER_BYTES`.
+One message is a 4-byte big-endian length, a JSON object with a type ``"t"``, and for audio, patches and
+frames sent on the socket the raw array bytes after it. Nothing is ever pickled. Headers are bounded by
+:data:`MAX_HEADER_BYTES`.
 
 Messages, parent to child: ``decode`` (with ``request``: a :meth:`DecodeRequest.to_wire` object), then
-``next`` per chunk, or ``stop``. Child to parent: ``ready`` once started; ``open`` (with ``info``) after
-opening; per ``next`` one of ``frames`` (``n``, ``ts``, then n x S x S x 3 uint8), ``audio`` (``start``,
-``n``, then n float32), ``patches`` (``start``, ``n``, then n x 96 x 64 float32 log-mel patches; instead of
-``audio`` when the request asks for ``audio_patches``) or ``done`` (``info``, ``stats``, ``rss_kb``);
-``stopped`` after ``stop``; ``error`` (``reason``, ``message``, ``detail``, ``rss_kb``) whenever the video
-fails.
+``next`` per chunk (with ``slot``: the shared-memory frame slot offered for this chunk, -1 for none; see
+:mod:`worker.media.frame_slots`), or ``stop``. Child to parent: ``ready`` once started; ``open`` (with
+``info``) after opening; per ``next`` one of ``frames`` (``n``, ``ts``, ``slot``: the offered slot, which
+holds the n x S x S x 3 uint8 frames, or -1 and those bytes follow), ``audio`` (``start``, ``n``, then n
+float32), ``patches`` (``start``, ``n``, then n x 96 x 64 float32 log-mel patches; instead of ``audio`` when
+the request asks for ``audio_patches``) or ``done`` (``info``, ``stats``, ``rss_kb``); ``stopped`` after
+``stop``; ``error`` (``reason``, ``message``, ``detail``, ``rss_kb``) whenever the video fails.
 """
 
 from __future__ import annotations
