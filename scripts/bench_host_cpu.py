@@ -21,6 +21,10 @@ copies of bench_gpu.py's 60 s 720p clip (2 s GOP, AAC) with titles, and reports 
   which is what the bar applies to. On this CPU box a video takes seconds of model time, so the fixed
   polling cost per video is far larger here than at 50 videos/s, where it is negligible.
 
+``--stand-in`` replaces the image backbone and classifier and the text transformer by modules that return
+zeros of the right shapes, and batches images 64 at a time (the accelerator default; 8 on CPU): the main
+process then does what it does on a GPU box, where the host cores run no image or text kernels.
+
 ``--trees A B`` runs the same measurement on other checkouts (each in its own process, alternated
 ``--rounds`` times) and prints them side by side: how the before/after rows of BENCHMARKS.md were made.
 ``--profile N`` instead profiles every thread of this process (cProfile per thread, merged) over N videos
@@ -70,7 +74,7 @@ def stand_in_networks(extractors) -> None:
             self.dim = dim
             self.anchor = nn.Parameter(torch.zeros(1))  # TextEncoder.device reads a parameter
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask=None, **_):  # the older code also passes token_type_ids
             return Hidden(torch.zeros((*input_ids.shape, self.dim)))
 
     image = extractors.image
@@ -94,8 +98,9 @@ def measure(root: Path, videos: int, warmup: int, profile: bool, stand_in: bool 
     from worker.engine.request import VideoRequest
 
     clip = str(make_clip(Path("/tmp/tagstream-gpu-bench"), 60.0))
+    # with stand-in networks the engine batches as on a GPU (image batches of 64, the accelerator default)
     settings = Settings(device="cpu", hwaccel="none", decode_isolation=True, decode_threads=2, concurrency=8,
-                        metrics_port=0)
+                        metrics_port=0, image_batch_size=64 if stand_in else 0)
     models = load_models(settings)
     if stand_in:
         stand_in_networks(models.extractors)
@@ -163,6 +168,7 @@ PROFILED = [
     ("extractor batch incl. kernels", "compute", "engine/inference.py"),
     ("  image extractor incl. kernels", "forward", "model/image.py"),
     ("  text encoder incl. kernels", "encode_ids", "model/text.py"),
+    ("  text encoder incl. kernels and tokenising (before 2026-12-03)", "forward", "model/text.py"),
     ("tokenise a title (at submit)", "token_ids", "model/text.py"),
     ("scatter results into videos", "apply", "engine/inference.py"),
     ("fusion incl. kernels", "predict", "model/predict.py"),
