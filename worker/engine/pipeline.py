@@ -2,7 +2,8 @@
 
 Threads (docs/ARCHITECTURE.md, "Threads and processes"):
 
-* ``settings.resolved_decode_threads()`` **decode threads** (:class:`~worker.engine.decoding.DecodeThreads`).
+* :attr:`Pipeline.decode_threads` **decode threads** (:class:`~worker.engine.decoding.DecodeThreads`; the CPU
+  budget in software, at least 8 NVDEC sessions, or ``decode_threads``).
   Each takes one :class:`~worker.engine.request.VideoRequest` at a time from a bounded request queue,
   decodes it, and pushes typed :mod:`worker.engine.events` (frame chunks, audio patches, the end of the
   decode) into the bounded event queue. A full event queue blocks only the decode thread that pushes
@@ -164,6 +165,12 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(timeout=30.0)
+
+    @property
+    def decode_threads(self) -> int:
+        """Decode threads (decoder processes) this engine runs: ``settings.resolved_decode_threads`` for the
+        hwaccel it chose (at least 8 NVDEC sessions when that is ``cuda``)."""
+        return self._decoders.count
 
     def in_flight(self) -> int:
         with self._lock:

@@ -128,7 +128,6 @@ def extract(data_dir: str | Path, out_dir: str | Path, *, splits: tuple[str, ...
                 seen.add(row.video_id)
                 todo.append(row)
         log.info("%d videos to extract, %d already in %s", len(todo), summary.skipped, out_dir)
-        window = max(settings.concurrency, 2 * settings.resolved_decode_threads())
         bar = Progress(len(todo), "extract", unit="video", enabled=progress and bool(todo), logger=log)
         pending: dict[Future[VideoFeatures], Row] = {}
 
@@ -149,6 +148,8 @@ def extract(data_dir: str | Path, out_dir: str | Path, *, splits: tuple[str, ...
             bar.set_postfix(failed=summary.failed)
 
         with Pipeline(settings, models) as pipeline:
+            window = max(settings.concurrency, 2 * pipeline.decode_threads)  # the decoders the engine chose
+
             def drain(until: int) -> None:
                 while len(pending) > until:
                     done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
